@@ -1,0 +1,3 @@
+from ilias_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""`ilias-ray extract` (the reference tool's flags, same names and defaults) and `ilias-ray demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ilias_ray.config import PARTITIONS, POOLINGS, TRANSFORMS, Config, UserError, bool_flag
+
+
+def _bool(value: str) -> bool:
+    try:
+        return bool_flag(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_extract_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--dataset_dir", required=True, help="directory with the images, or with the tar shards")
+    a("--partition", default="image_queries", choices=PARTITIONS)
+    a("--hdf5_dir", required=True, help="directory for the HDF5 feature files")
+    a("--hdf5_name", default="features", help="base name of the HDF5 files")
+    a("--hdf5_compression", type=int, default=0, help="gzip level for the features dataset (0 = none)")
+    a("--overwrite", type=_bool, default=False, help="replace existing feature files")
+    a("--framework", default="timm", help="model codebase: timm, or text for text_queries")
+    a("--model", default="vit_large_patch16_siglip_384.webli", help="model name in the framework")
+    a("--pooling", default="head", choices=POOLINGS)
+    a("--batch_size", type=int, default=128, help="images per forward pass")
+    a("--webdl_batch_size", type=int, default=128, help="rows per batch sent to a model actor")
+    a("--transforms", default="RESIZE_LARGE", choices=TRANSFORMS)
+    a("--resolution", type=int, default=512)
+    a("--min_size", type=int, default=0, help="RESIZE_LARGE: zero-pad each side up to this size")
+    a("--multiscale", type=_bool, default=False)
+    a("--multirotate", type=_bool, default=False)
+    a("--masking", type=_bool, default=False)
+    a("--crop_resize", type=_bool, default=False)
+    a("--comp_fp16", type=_bool, default=True, help="fp16 autocast on CUDA (a CPU computes in fp32)")
+    a("--start_tar", type=int, default=0)
+    a("--total_tars", type=int, default=None, help="shards to process (default: all remaining)")
+    a("--tar_batch_size", type=int, default=10, help="shards per distractor HDF5 file")
+    a("--num_workers", type=int, default=8, help="concurrent decode tasks")
+    a("--store_fp16", type=_bool, default=True)
+    a("--selected_ids", default=None, help="file with one ID per line (mini-ILIAS, uned)")
+    # ilias-ray additions
+    a("--checkpoint", default=None, help="local weights file in the format the model's hub ships")
+    a("--pretrained", type=_bool, default=True,
+      help="false: seeded random weights, no download (tests and demos)")
+    a("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
+    a("--model_actors", type=int, default=None,
+      help="max model actors (default: GPUs in the cluster, or CPUs/4 without GPUs)")
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    fields = Config.__dataclass_fields__
+    return Config(**{k: v for k, v in vars(ns).items() if k in fields})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ilias-ray", description="ILIAS feature extraction on Ray Data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("extract", help="extract features for one partition",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_extract_flags(ex)
+    demo = sub.add_parser("demo", help="build a small ILIAS-shaped sample and extract every partition")
+    demo.add_argument("--workdir", default="demo_output", help="where the sample and features go")
+    demo.add_argument("--address", default=None)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    try:
+        if args.command == "extract":
+            from ilias_ray.pipeline import run
+
+            run(config_from_args(args))
+        elif args.command == "demo":
+            from ilias_ray.demo import run_demo
+
+            run_demo(args.workdir, address=args.address)
+        return 0
+    except UserError as e:
+        print(f"ilias-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ilias-ray: interrupted; finished files are kept, partial ones are redone on the next run",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Stage 3 (GPU or CPU actor pool): uint8 pixels -> normalised, padded, pooled features.
+
+Rows are grouped by image shape and run in sub-batches of up to `--batch_size`; images are
+never padded or cropped to share a batch, because that would change their features.
+SKIP and MARKER rows pass through untouched.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from ilias_ray.config import ANGLES, SCALES
+from ilias_ray.models import build
+from ilias_ray.models.pooling import pool
+from ilias_ray.preprocess import pad_target
+from ilias_ray.read import IMAGE, TEXT
+
+PASS_COLUMNS = ("seq", "out", "unit", "pos", "id", "kind", "note", "off")
+
+
+def center_pad(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Zero-pad a (b, c, H, W) tensor to at least (h, w); the extra splits left = pad // 2."""
+    ph, pw = max(h - x.shape[-2], 0), max(w - x.shape[-1], 0)
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
+    if m <= 0:
+        return x
+    h, w = x.shape[-2:]
+    return center_pad(x, h + (-h) % m, w + (-w) % m)
+
+
+class Embedder:
+    """Ray Data callable class: one instance per actor, the model loaded once."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bb = build(cfg)
+        self.bb.model.to(self.device)
+        self.mean = torch.tensor(self.bb.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.bb.std, device=self.device).view(1, 3, 1, 1)
+        self.pad = pad_target(cfg["transforms"], cfg["resolution"], cfg["min_size"])
+        self.scales = SCALES if cfg["multiscale"] else (1.0,)
+        self.angles = ANGLES if cfg["multirotate"] else (0,)
+        # The reference computes in fp32 on a CPU; autocast only applies on CUDA.
+        self.autocast = self.device.type == "cuda" and cfg["comp_fp16"]
+        self.out_dtype = np.float16 if cfg["store_fp16"] else np.float32
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_to_multiple(x, self.bb.patch)
+        with self._autocast():
+            if self.cfg["pooling"] == "head":
+                f = self.bb.model(x)
+            else:
+                f = pool(self.cfg["pooling"], self.bb.model.forward_features(x), self.bb.token_pool)
+        return F.normalize(f.float(), dim=-1)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor, mask=None) -> torch.Tensor:
+        """(b, H, W, 3) uint8 -> (b, D) (or (b, n, D) for local) L2-normalised float32."""
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = (x - self.mean) / self.std
+        x = center_pad(x, self.pad, self.pad)
+        if mask is not None:
+            x = x * mask.to(self.device)[:, None].float()
+        views = []
+        for s in self.scales:
+            xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bicubic", align_corners=False)
+            for a in self.angles:
+                xr = xs if a == 0 else TF.rotate(xs, a, interpolation=InterpolationMode.BILINEAR)
+                views.append(self.forward(xr))
+        if len(views) == 1:
+            return views[0]
+        return F.normalize(torch.stack(views).mean(0), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list) -> torch.Tensor:
+        tokens = self.bb.tokenizer(texts).to(self.device)
+        with self._autocast():
+            f = self.bb.model.encode_text(tokens)
+        return F.normalize(f.float(), dim=-1)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["seq"])
+        feats = [b""] * n
+        nvec = np.zeros(n, np.int32)
+        kinds = batch["kind"]
+        bs = self.cfg["batch_size"]
+
+        def store(rows, f):
+            f = f.cpu().numpy().astype(self.out_dtype)
+            for i, v in zip(rows, f):
+                feats[i] = v.tobytes()
+                nvec[i] = 1 if v.ndim == 1 else v.shape[0]
+
+        text_rows = np.nonzero(kinds == TEXT)[0]
+        for a in range(0, len(text_rows), bs):
+            rows = text_rows[a : a + bs]
+            store(rows, self.embed_texts([bytes(batch["data"][i]).decode("utf-8").strip() for i in rows]))
+
+        groups = defaultdict(list)
+        for i in np.nonzero(kinds == IMAGE)[0]:
+            groups[(int(batch["h"][i]), int(batch["w"][i]), len(batch["mask"][i]) > 0)].append(i)
+        for (h, w, has_mask), rows in groups.items():
+            for a in range(0, len(rows), bs):
+                sub = rows[a : a + bs]
+                pixels = np.stack([np.frombuffer(batch["img"][i], np.uint8).reshape(h, w, 3) for i in sub])
+                mask = None
+                if has_mask:
+                    th, tw = max(h, self.pad), max(w, self.pad)
+                    mask = torch.from_numpy(
+                        np.stack([np.frombuffer(batch["mask"][i], np.uint8).reshape(th, tw) for i in sub])
+                    )
+                store(sub, self.embed_pixels(torch.from_numpy(pixels), mask))
+
+        out = {k: batch[k] for k in PASS_COLUMNS}
+        out["feat"] = np.array(feats, dtype=object)
+        out["nvec"] = nvec
+        return out

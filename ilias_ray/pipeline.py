@@ -1,0 +1,186 @@
+"""The job: plan -> read -> decode -> embed -> sink, as one streaming Ray Data dataset.
+
+The driver only plans and prints progress: image bytes go from read tasks to decode tasks,
+pixels to the model actors, and only features reach the sink actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+
+from ilias_ray import models
+from ilias_ray.config import Config
+from ilias_ray.plan import Plan, make_plan, prepare_output_dir
+
+log = logging.getLogger("ilias_ray")
+
+
+def say(msg: str) -> None:
+    # Plain lines, flushed: they read the same in a terminal and in `ray job logs`.
+    print(msg, file=sys.stdout, flush=True)
+
+
+def fmt_eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def init_ray(cfg: Config):
+    import ray
+
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(include_dashboard=False, **kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own per-file lines are readable in job logs
+    ctx.print_on_execution_start = False
+    # Waiting for autoscaled GPU nodes must not count as "no progress".
+    ctx.execution_no_progress_timeout_s = 6 * 3600
+    return ray
+
+
+def model_pool_size(cfg: Config, ray) -> tuple:
+    """(max actors, per-actor resources): one GPU per actor when the cluster has GPUs."""
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if gpus:
+        return cfg.model_actors or gpus, {"num_gpus": 1}
+    cpus = int(res.get("CPU", 1))
+    return cfg.model_actors or max(1, cpus // 4), {"num_cpus": 1}
+
+
+def output_specs(plan: Plan) -> list:
+    units = {u.uid: u for u in plan.units}
+    return [
+        {
+            "name": o.name,
+            "path": o.path,
+            "settings": o.settings,
+            "units": [(uid, units[uid].name, units[uid].count, units[uid].size) for uid in o.units],
+        }
+        for o in plan.outputs
+    ]
+
+
+class Progress:
+    """One line per output file every `every` seconds, and one when it finishes."""
+
+    def __init__(self, plan: Plan, every: float = 5.0):
+        self.names = [o.name for o in plan.outputs]
+        self.state = {}
+        self.every = every
+        self.t0 = time.time()
+        self.last = {}
+
+    def update(self, batch: dict) -> None:
+        now = time.time()
+        for i, o in enumerate(batch["out"]):
+            o = int(o)
+            st = dict(rows=int(batch["rows"][i]), skipped=int(batch["skipped"][i]),
+                      fraction=float(batch["fraction"][i]), finished=bool(batch["finished"][i]),
+                      truncated=int(batch["truncated"][i]))
+            was_finished = self.state.get(o, {}).get("finished", False)
+            self.state[o] = st
+            if st["finished"] and not was_finished:
+                self.line(o, now, done=True)
+            elif not st["finished"] and now - self.last.get(o, self.t0) >= self.every:
+                self.line(o, now)
+
+    def line(self, o: int, now: float, done: bool = False) -> None:
+        st = self.state[o]
+        self.last[o] = now
+        el = max(now - self.t0, 1e-6)
+        n = st["rows"] + st["skipped"]
+        rate = n / el
+        f = st["fraction"]
+        tail = "done" if done else f"{100 * f:5.1f}%  ETA {fmt_eta(el * (1 - f) / f) if f > 0 else '?'}"
+        say(f"[{self.names[o]}] {st['rows']} rows, {st['skipped']} skipped  {rate:.1f} img/s  {tail}")
+
+    def totals(self) -> dict:
+        return {
+            "rows": sum(s["rows"] for s in self.state.values()),
+            "skipped": sum(s["skipped"] for s in self.state.values()),
+            "finished": [self.names[o] for o, s in sorted(self.state.items()) if s["finished"]],
+            "truncated_shards": sum(s["truncated"] for s in self.state.values()),
+        }
+
+
+def run(cfg: Config) -> dict:
+    """Run one extraction; returns the summary dict (also printed)."""
+    t0 = time.time()
+    cfg.validate()
+    models.check(asdict(cfg))
+    plan = make_plan(cfg)
+    for name in plan.done:
+        say(f"[{name}] already complete with the same settings: skipped")
+    summary = {"written": [], "already_done": plan.done, "rows": 0, "skipped": 0}
+    if plan.outputs:
+        prepare_output_dir(cfg, plan)
+        summary.update(execute(cfg, plan))
+    summary["wall_s"] = round(time.time() - t0, 2)
+    summary["images_per_s"] = round((summary["rows"] + summary["skipped"]) / max(summary["wall_s"], 1e-6), 2)
+    say(
+        f"summary: {len(summary['written'])} file(s) written, {len(plan.done)} already complete, "
+        f"{summary['rows']} rows, {summary['skipped']} skipped, {summary['wall_s']:.1f} s, "
+        f"{summary['images_per_s']:.1f} img/s"
+    )
+    for name in summary["written"]:
+        say(f"  {os.path.join(cfg.hdf5_dir, name)}")
+    return summary
+
+
+def execute(cfg: Config, plan: Plan) -> dict:
+    ray = init_ray(cfg)
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from ilias_ray.embed import Embedder
+    from ilias_ray.preprocess import decode_batch
+    from ilias_ray.read import IliasDatasource
+    from ilias_ray.sink import Sink
+
+    c = asdict(cfg)
+    n_actors, actor_res = model_pool_size(cfg, ray)
+    run_info = {
+        "dtype": "float16" if cfg.store_fp16 else "float32",
+        "compression": cfg.hdf5_compression,
+        "local": cfg.pooling == "local",
+        "run_settings": {k: c[k] for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size",
+                                           "start_tar", "total_tars", "tar_batch_size")},
+    }
+    say(f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
+        f"({n_actors} model actor(s), {'GPU' if 'num_gpus' in actor_res else 'CPU'})")
+
+    # Reading is I/O: a quarter CPU each, so readers never starve the decode tasks.
+    ds = ray.data.read_datasource(IliasDatasource(plan.units, plan.selected_keys), num_cpus=0.25)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": c}, batch_size=None, batch_format="numpy",
+                        compute=TaskPoolStrategy(size=max(1, cfg.num_workers)), num_cpus=1)
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c}, batch_size=cfg.webdl_batch_size,
+                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_actors),
+                        **actor_res)
+    # The sink lives on the driver's node, which owns --hdf5_dir.
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": output_specs(plan), "run": run_info},
+                        batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=1),
+                        num_cpus=0, resources=here)
+    progress = Progress(plan)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.update(batch)
+    tot = progress.totals()
+    missing = [o.name for o in plan.outputs if o.name not in tot["finished"]]
+    if missing:
+        raise RuntimeError(f"the job ended but these outputs are incomplete: {', '.join(missing)}")
+    return {"written": tot["finished"], "rows": tot["rows"], "skipped": tot["skipped"],
+            "truncated_shards": tot["truncated_shards"]}
