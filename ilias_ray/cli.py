@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ilias_ray.config import PARTITIONS, POOLINGS, TRANSFORMS, Config, UserError, bool_flag
@@ -56,9 +57,14 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     return Config(**{k: v for k, v in vars(ns).items() if k in fields})
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ilias-ray", description="ILIAS feature extraction on Ray Data")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="ilias-ray", description="ILIAS feature extraction on Ray Data")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ex = sub.add_parser("extract", help="extract features for one partition",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_extract_flags(ex)
@@ -88,6 +94,13 @@ def main(argv=None) -> int:
         print("ilias-ray: interrupted; finished files are kept, partial ones are redone on the next run",
               file=sys.stderr)
         return 130
+    except Exception as e:  # unexpected: one line by default, the traceback on request
+        if os.environ.get("ILIAS_RAY_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"ilias-ray: failed: {type(e).__name__}: {first} (ILIAS_RAY_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

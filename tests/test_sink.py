@@ -1,0 +1,98 @@
+"""The sink on its own: reordering, bounded memory, atomic finish (no Ray needed)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from ilias_ray.plan import seq_id
+from ilias_ray.read import IMAGE, MARKER, SKIP
+from ilias_ray.sink import FLUSH_ROWS, Sink
+
+D = 8
+
+
+def spec(tmp_path, units):
+    return {"name": "f.hdf5", "path": str(tmp_path / "f.hdf5"), "settings": {"x": 1}, "units": units}
+
+
+RUN = {"dtype": "float16", "compression": 0, "local": False, "run_settings": {}}
+
+
+def batch(rows):
+    cols = {k: [] for k in ("seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec")}
+    for unit, pos, kind in rows:
+        cols["seq"].append(seq_id(unit, pos))
+        cols["out"].append(0)
+        cols["unit"].append(unit)
+        cols["pos"].append(pos)
+        cols["id"].append(f"s{unit}/{pos}")
+        cols["kind"].append(kind)
+        cols["note"].append("bad" if kind == SKIP else "eof")
+        cols["off"].append(0)
+        cols["feat"].append(np.full(D, unit * 1000 + pos, np.float16).tobytes() if kind == IMAGE else b"")
+        cols["nvec"].append(1 if kind == IMAGE else 0)
+    return {k: np.array(v, dtype=object if k in ("id", "note", "feat") else None) for k, v in cols.items()}
+
+
+def test_reorders_streams_and_finishes_atomically(tmp_path):
+    n0, n1 = 5000, 300
+    sink = Sink([spec(tmp_path, [(0, "a.tar", None, 0), (1, "b.tar", None, 0)])], RUN)
+    w = sink.writers[0]
+    rng = np.random.RandomState(0)
+    rows = [(0, p, SKIP if p == 7 else IMAGE) for p in range(n0)] + [(1, p, IMAGE) for p in range(n1)]
+    # Shuffle inside windows of 200 rows: out of order, as Ray delivers them.
+    order = np.concatenate([rng.permutation(np.arange(s, min(s + 200, len(rows)))) for s in range(0, len(rows), 200)])
+    # Shard 1's marker arrives early, shard 0's late: the file must wait for both.
+    sink(batch([(1, n1, MARKER)]))
+    peak_buffer = 0
+    for s in range(0, len(order), 100):
+        sink(batch([rows[i] for i in order[s : s + 100]]))
+        peak_buffer = max(peak_buffer, len(w.buffer) + len(w.pending))
+        if s == 3000:
+            # Rows already streamed to the partial file; nothing looks finished yet.
+            assert (tmp_path / "f.hdf5.partial").exists() and w.f["features"].shape[0] == w.rows > 2000
+            assert not (tmp_path / "f.hdf5").exists()
+    assert peak_buffer < 200 + FLUSH_ROWS  # bounded by disorder and flush size, not by the chunk
+    assert not w.finished
+    out = sink(batch([(0, n0, MARKER)]))
+    assert out["finished"].tolist() == [True]
+    with h5py.File(tmp_path / "f.hdf5", "r") as f:
+        idx = list(f["index"].asstr()[()])
+        want = [f"s0/{p}" for p in range(n0) if p != 7] + [f"s1/{p}" for p in range(n1)]
+        assert idx == want
+        feats = f["features"][()]
+        np.testing.assert_array_equal(feats[:, 0], np.array([int(i[1]) * 1000 + int(i.split("/")[1]) for i in idx],
+                                                            np.float16))
+        assert list(f["skipped_index"].asstr()[()]) == ["s0/7"]
+        assert f.attrs["complete"] and f.attrs["num_rows"] == len(want)
+    assert not (tmp_path / "f.hdf5.partial").exists()
+
+
+def test_duplicate_rows_are_dropped(tmp_path):
+    sink = Sink([spec(tmp_path, [(0, "a", 3, 0)])], RUN)
+    sink(batch([(0, 0, IMAGE), (0, 1, IMAGE)]))
+    sink(batch([(0, 1, IMAGE), (0, 0, IMAGE), (0, 2, IMAGE)]))
+    with h5py.File(tmp_path / "f.hdf5", "r") as f:
+        assert list(f["index"].asstr()[()]) == ["s0/0", "s0/1", "s0/2"]
+        assert f.attrs["duplicates_dropped"] == 2
+
+
+def test_progress_lines(capsys):
+    from types import SimpleNamespace
+
+    from ilias_ray.pipeline import Progress
+
+    plan = SimpleNamespace(outputs=[SimpleNamespace(name="features_distractors_00000.hdf5")])
+    p = Progress(plan, every=0)
+    row = lambda rows, frac, done: {  # noqa: E731
+        "out": np.array([0]), "rows": np.array([rows]), "skipped": np.array([1]),
+        "fraction": np.array([frac]), "finished": np.array([done]), "truncated": np.array([0])}
+    p.update(row(99, 0.25, False))
+    p.update(row(399, 1.0, True))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[features_distractors_00000.hdf5] 99 rows, 1 skipped")
+    assert "img/s" in lines[0] and "25.0%  ETA " in lines[0]
+    assert lines[1].endswith("done")
+    assert p.totals() == {"rows": 399, "skipped": 1, "finished": ["features_distractors_00000.hdf5"],
+                          "truncated_shards": 0}
