@@ -96,6 +96,17 @@ def test_folder_partitions_contract_and_parity(ray_cluster, sample, vit_checkpoi
         np.testing.assert_allclose(d["features"][i].astype(np.float32), want, atol=2e-3)
 
 
+def test_checkpoint_pth_equals_safetensors(ray_cluster, sample, vit_checkpoint, tmp_path):
+    """A timm state_dict as .pth (read with weights_only=True) gives the same features."""
+    pth = tmp_path / "vit.pth"
+    torch.save(load_file(str(vit_checkpoint)), pth)
+    extract(tmp_path / "st", sample["core"], partition="image_queries", checkpoint=str(vit_checkpoint))
+    extract(tmp_path / "pt", sample["core"], partition="image_queries", checkpoint=str(pth))
+    a = read(tmp_path / "st" / "features_image_queries.hdf5")["features"]
+    b = read(tmp_path / "pt" / "features_image_queries.hdf5")["features"]
+    np.testing.assert_array_equal(a, b)
+
+
 def test_distractors_chunks_order_and_skips(ray_cluster, sample, vit_checkpoint, tmp_path):
     s = extract(tmp_path, sample["yfcc"], partition="distractors", tar_batch_size=2, checkpoint=str(vit_checkpoint))
     assert s["written"] == ["features_distractors_00000.hdf5", "features_distractors_00001.hdf5"]

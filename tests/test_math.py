@@ -475,6 +475,12 @@ def test_clip_models_keep_head(name):
     assert default > 0
     emb = embedder(model=name, resolution=32)
     assert emb.bb.model.num_classes == default
+    # its own mean/std (the OpenAI-CLIP constants for this CLIP-style model)
+    assert tuple(emb.bb.mean) == tuple(emb.bb.model.pretrained_cfg["mean"])
+    assert tuple(emb.bb.std) == tuple(emb.bb.model.pretrained_cfg["std"])
+    if "clip" in name:
+        assert tuple(emb.bb.mean) == (0.48145466, 0.4578275, 0.40821073)
+        assert tuple(emb.bb.std) == (0.26862954, 0.26130258, 0.27577711)
     out = emb.embed_pixels(torch.from_numpy(rng_pixels(1, 1, 32, 32, 3)))
     assert out.shape == (1, default)
 
