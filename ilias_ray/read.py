@@ -87,7 +87,7 @@ def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
     pos = 0
     reason = "eof"
 
-    def emit(key, members, off):
+    def emit(key, members, off, missing="no jpg member in sample"):
         nonlocal pos
         raw = f"{unit.name}/{key}"
         if selected is not None and key not in selected and raw not in selected:
@@ -95,12 +95,12 @@ def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
         if "jpg" in members:
             rows.add(pos, escape_id(raw), TAR_IMAGE, data=members["jpg"], off=off)
         else:
-            rows.add(pos, escape_id(raw), SKIP, note="no jpg member in sample", off=off)
+            rows.add(pos, escape_id(raw), SKIP, note=missing, off=off)
         pos += 1
 
+    key, members, off = None, {}, 0
     try:
         with open(unit.path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            key, members, off = None, {}, 0
             for m in tf:
                 if not m.isfile():
                     continue
@@ -118,9 +118,13 @@ def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
                 off = m.offset_data + m.size
             if key is not None:
                 emit(key, members, off)
+            key = None
     except (tarfile.TarError, EOFError, OSError) as e:
         # Keep what came before; the marker records why the shard ended early.
-        reason = f"{'not a tar' if pos == 0 and not len(rows) else 'truncated'}: {type(e).__name__}: {e}"
+        started = pos > 0 or key is not None
+        reason = f"{'truncated' if started else 'not a tar'}: {type(e).__name__}: {e}"
+        if key is not None:  # the sample being read when the shard broke: its jpg if complete
+            emit(key, members, off, missing="shard truncated inside this sample")
     rows.add(pos, f"{unit.name}/", MARKER, note=reason, off=unit.size)
     yield rows.take()
 
