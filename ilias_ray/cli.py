@@ -24,7 +24,7 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--hdf5_name", default="features", help="base name of the HDF5 files")
     a("--hdf5_compression", type=int, default=0, help="gzip level for the features dataset (0 = none)")
     a("--overwrite", type=_bool, default=False, help="replace existing feature files")
-    a("--framework", default="timm", help="model codebase: timm, or text for text_queries")
+    a("--framework", default="timm", help="model codebase: timm, tv, och, fb, or text for text_queries")
     a("--model", default="vit_large_patch16_siglip_384.webli", help="model name in the framework")
     a("--pooling", default="head", choices=POOLINGS)
     a("--batch_size", type=int, default=128, help="images per forward pass")
@@ -47,6 +47,8 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--checkpoint", default=None, help="local weights file in the format the model's hub ships")
     a("--pretrained", type=_bool, default=True,
       help="false: seeded random weights, no download (tests and demos)")
+    a("--trust_remote_code", type=_bool, default=False,
+      help="allow torch.hub to run a model repository's code (never by default)")
     a("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     a("--model_actors", type=int, default=None,
       help="max model actors (default: GPUs in the cluster, or CPUs/4 without GPUs)")
@@ -68,10 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="extract features for one partition",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_extract_flags(ex)
+    models = sub.add_parser("models", help="the benchmark's model table, or one model's details")
+    models.add_argument("--framework", default=None)
+    models.add_argument("--model", default=None)
     demo = sub.add_parser("demo", help="build a small ILIAS-shaped sample and extract every partition")
     demo.add_argument("--workdir", default="demo_output", help="where the sample and features go")
     demo.add_argument("--address", default=None)
     return parser
+
+
+def user_error(e: BaseException):
+    """The UserError behind `e`, also when Ray wrapped it (raised inside an actor or task)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
 
 
 def main(argv=None) -> int:
@@ -82,19 +98,28 @@ def main(argv=None) -> int:
             from ilias_ray.pipeline import run
 
             run(config_from_args(args))
+        elif args.command == "models":
+            from ilias_ray.models.table import describe, print_table
+
+            if args.model:
+                describe(args.framework or "timm", args.model)
+            else:
+                print_table()
         elif args.command == "demo":
             from ilias_ray.demo import run_demo
 
             run_demo(args.workdir, address=args.address)
         return 0
-    except UserError as e:
-        print(f"ilias-ray: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("ilias-ray: interrupted; finished files are kept, partial ones are redone on the next run",
               file=sys.stderr)
         return 130
-    except Exception as e:  # unexpected: one line by default, the traceback on request
+    except Exception as e:
+        user = user_error(e)
+        if user is not None:
+            print(f"ilias-ray: error: {user}", file=sys.stderr)
+            return 2
+        # Unexpected: one line by default, the traceback on request.
         if os.environ.get("ILIAS_RAY_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -12,7 +12,6 @@ from typing import Optional
 PARTITIONS = ("image_queries", "text_queries", "positives", "distractors", "uned")
 TRANSFORMS = ("RESIZE_LARGE", "RESIZE_SMALL", "RESIZE_CENTER", "RESIZE_SQUARE", "RESIZE_PAD")
 POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")
-FRAMEWORKS = ("timm", "text")
 
 SCALES = (0.707, 1.0, 1.414)
 ANGLES = (0, 90, 180, 270)
@@ -62,6 +61,7 @@ class Config:
     # ilias-ray additions
     checkpoint: Optional[str] = None
     pretrained: bool = True
+    trust_remote_code: bool = False
     address: Optional[str] = None
     model_actors: Optional[int] = None
     # Filled in by validate(): digests that identify what made an output.
@@ -71,14 +71,14 @@ class Config:
     def validate(self) -> "Config":
         if self.partition not in PARTITIONS:
             raise UserError(f"--partition must be one of {', '.join(PARTITIONS)}, not {self.partition!r}")
-        if self.framework not in FRAMEWORKS:
-            raise UserError(f"--framework must be one of {', '.join(FRAMEWORKS)}, not {self.framework!r}")
         if self.transforms not in TRANSFORMS:
             raise UserError(f"--transforms must be one of {', '.join(TRANSFORMS)}, not {self.transforms!r}")
         if self.pooling not in POOLINGS:
             raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if (self.framework == "text") != (self.partition == "text_queries"):
             raise UserError("--partition text_queries goes with --framework text (and only it)")
+        if self.pooling == "local" and (self.multiscale or self.multirotate):
+            raise UserError("--pooling local cannot be averaged over --multiscale/--multirotate views")
         for name in ("resolution", "batch_size", "tar_batch_size", "webdl_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer")

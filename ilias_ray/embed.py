@@ -63,9 +63,9 @@ class Embedder:
         x = pad_to_multiple(x, self.bb.patch)
         with self._autocast():
             if self.cfg["pooling"] == "head":
-                f = self.bb.model(x)
+                f = self.bb.head(x)
             else:
-                f = pool(self.cfg["pooling"], self.bb.model.forward_features(x), self.bb.token_pool)
+                f = pool(self.cfg["pooling"], self.bb.features(x), self.bb.token_pool)
         return F.normalize(f.float(), dim=-1)
 
     @torch.inference_mode()

@@ -246,12 +246,12 @@ def test_config_errors_before_ray(tmp_path, sample):
         extract(tmp_path, sample["yfcc"], partition="distractors", start_tar=1, tar_batch_size=2)
     with pytest.raises(UserError, match="not a directory"):
         extract(tmp_path, tmp_path / "missing")
-    with pytest.raises(UserError, match="timm has no model"):
+    with pytest.raises(UserError, match="timm has no model .no_such_model_xyz.; nearest"):
         extract(tmp_path, sample["core"], model="no_such_model_xyz")
     with pytest.raises(UserError, match="text_queries goes with --framework text"):
         extract(tmp_path, sample["core"], partition="text_queries")
     with pytest.raises(UserError, match="box file"):
         (tmp_path / "c" / "i" / "query").mkdir(parents=True)
         Image.new("RGB", (20, 20)).save(tmp_path / "c" / "i" / "query" / "Q1.jpg")
-        extract(tmp_path, tmp_path / "c", masking=True)
+        extract(tmp_path, tmp_path / "c", masking=True, pretrained=False)
     assert not list(tmp_path.glob("*.hdf5"))

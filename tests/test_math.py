@@ -498,8 +498,14 @@ def test_built_models_and_mean_std():
 
 
 def test_cls_pooling_needs_vit():
-    with pytest.raises(Exception):
-        embed.Embedder(make_cfg(model=CNN, pooling="cls"))
+    from ilias_ray.config import UserError
+    from ilias_ray.models import check
+
+    with pytest.raises(UserError, match="not supported"):
+        check(make_cfg(model=CNN, pooling="cls"))  # refused on the driver, before Ray
+    emb = embed.Embedder(make_cfg(model=CNN, pooling="cls"))
+    with pytest.raises(ValueError, match="class token"):
+        emb.embed_pixels(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
 
 
 VIT_CASES = [

@@ -1,61 +1,171 @@
-"""Backbone registry: `--framework` name -> builder. One module per framework.
+"""Backbone registry: `--framework` name -> module. One module per framework (timm-style).
 
-A builder returns a `Backbone`: the torch module plus what the model stage needs to feed it
-exactly as the reference does (mean/std, padding multiple, how to pool).
+Every framework module provides:
+- `names()`: the model names it knows (used for "did you mean" errors and the models table);
+- `spec(name)`: a `ModelSpec` (mean/std, padding multiple, poolings, text tower, weights),
+  cheap, without loading weights; raises UserError for an unknown name;
+- `build(cfg)`: a `Backbone` in eval mode on the CPU, weights loaded once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import importlib
+import os
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from ilias_ray.config import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+ALL_POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")
+CNN_POOLINGS = tuple(p for p in ALL_POOLINGS if p != "cls")
+
+FRAMEWORKS = {
+    "timm": "ilias_ray.models.timm_models",
+    "tv": "ilias_ray.models.tv",
+    "och": "ilias_ray.models.och",
+    "fb": "ilias_ray.models.fb",
+    "text": "ilias_ray.models.text",
+}
+
+
+@dataclass
+class Weights:
+    """Where a model's weights come from, and whether they are on this machine."""
+
+    source: str  # e.g. "hf-hub:timm/vit_base_patch16_224.augreg_in1k", a URL, or "user checkpoint"
+    cached: Optional[bool]  # None: cannot tell; False: not on this machine
+    hint: str = ""  # what to download and where to put it
+    public: bool = True  # False: no public hub serves these weights; --checkpoint is required
+
+
+@dataclass
+class ModelSpec:
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    patch: int = 0
+    poolings: tuple = ALL_POOLINGS
+    has_text: bool = False
+    weights: Weights = field(default_factory=lambda: Weights("", None))
 
 
 @dataclass
 class Backbone:
     model: torch.nn.Module
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
     patch: int = 0  # ViT inputs are zero-padded to a multiple of this (0 = no padding)
-    token_pool: bool = False  # the model's global_pool is "token" (a class token at x[:, 0])
+    token_pool: bool = False  # feature tokens start with a class token at x[:, 0]
     tokenizer: Optional[Callable] = None  # text towers only
+    head: Optional[Callable] = None  # `--pooling head`; default model(x)
+    features: Optional[Callable] = None  # input of the other poolings; default model.forward_features
+
+    def __post_init__(self):
+        self.head = self.head or self.model
+        self.features = self.features or getattr(self.model, "forward_features", None)
 
 
-def _timm(cfg: dict) -> Backbone:
-    from ilias_ray.models.timm_models import build
-
-    return build(cfg)
-
-
-def _text(cfg: dict) -> Backbone:
-    from ilias_ray.models.text import build
-
-    return build(cfg)
+def framework(name: str):
+    if name not in FRAMEWORKS:
+        raise UserError(f"unknown --framework {name!r}; known: {', '.join(FRAMEWORKS)}")
+    return importlib.import_module(FRAMEWORKS[name])
 
 
-FRAMEWORKS = {"timm": _timm, "text": _text}
+def unknown_model(framework_name: str, model: str, candidates) -> UserError:
+    close = difflib.get_close_matches(model, list(candidates), n=5, cutoff=0.4)
+    hint = f"; nearest: {', '.join(close)}" if close else ""
+    return UserError(f"--framework {framework_name} has no model {model!r}{hint}")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def build(cfg: dict) -> Backbone:
     """Build the backbone for `cfg` (a Config as dict), in eval mode, on the CPU."""
-    return FRAMEWORKS[cfg["framework"]](cfg)
+    return framework(cfg["framework"]).build(cfg)
 
 
-def check(cfg: dict) -> None:
-    """Cheap name checks on the driver, so a typo fails before any Ray work."""
-    from ilias_ray.config import UserError
+def check(cfg: dict) -> ModelSpec:
+    """Name, pooling and weight checks on the driver, so mistakes fail before any Ray work."""
+    fw = framework(cfg["framework"])
+    spec = fw.spec(cfg["model"])
+    if cfg["framework"] != "text" and cfg["pooling"] not in spec.poolings:
+        raise UserError(
+            f"--pooling {cfg['pooling']} is not supported by {cfg['framework']}:{cfg['model']} "
+            f"(supported: {', '.join(spec.poolings)})"
+        )
+    w = spec.weights
+    if cfg.get("checkpoint"):
+        return spec
+    if not w.public:
+        raise UserError(f"{cfg['model']}: no public weights; pass --checkpoint FILE ({w.hint})")
+    if cfg.get("pretrained", True) and w.cached is False and offline():
+        raise UserError(f"{cfg['model']}: weights are not in the local cache and HF_HUB_OFFLINE=1; {w.hint}")
+    return spec
 
-    if cfg["framework"] == "text":
-        from ilias_ray.models.text import lookup
 
-        lookup(cfg["model"])
-        return
-    import timm
+def hf_cached(repo: str, filenames=("model.safetensors", "open_clip_model.safetensors",
+                                    "open_clip_pytorch_model.bin", "pytorch_model.bin")) -> bool:
+    from huggingface_hub import try_to_load_from_cache
 
-    from ilias_ray.models.timm_models import is_vit
+    for f in filenames:
+        hit = try_to_load_from_cache(repo, f)
+        if isinstance(hit, str):
+            return True
+    return False
 
-    if not timm.is_model(cfg["model"]):
-        raise UserError(f"timm has no model named {cfg['model']!r}")
-    if cfg["pooling"] == "cls" and not is_vit(cfg["model"]):
-        raise UserError(f"--pooling cls needs a ViT; {cfg['model']} has no class token")
+
+def url_cached(url: str) -> bool:
+    return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+
+
+def url_hint(url: str) -> str:
+    return f"download {url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass --checkpoint FILE"
+
+
+def hf_hint(repo: str) -> str:
+    return f"download the hub repo {repo} into the HF cache (HF_HOME) or pass --checkpoint FILE"
+
+
+def load_state_dict(path: str) -> dict:
+    """Read a weights file safely: safetensors, or torch.load with weights_only=True."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module", "teacher", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key]:
+            obj = obj[key]
+            break
+    return obj
+
+
+def strip_prefixes(sd: dict, prefixes) -> dict:
+    """Remove the first matching prefix from each key (checkpoints wrap models differently)."""
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def load_into(model: torch.nn.Module, sd: dict, path: str, drop=()) -> None:
+    """Strict load (after dropping classifier keys); a mismatch is a clear user error."""
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(d) for d in drop)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"--checkpoint {path} does not fit the model: {len(missing)} missing key(s) "
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'})"
+        )

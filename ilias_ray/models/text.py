@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from ilias_ray.config import UserError
-from ilias_ray.models import Backbone
+from ilias_ray.models import Backbone, ModelSpec, unknown_model
+from ilias_ray.models.och import open_clip_pretrained, open_clip_weights
 
 _HF = "hf-hub:timm/"
 TEXT_MODELS = {
@@ -38,27 +36,26 @@ TEXT_MODELS = {
 }
 
 
+def names() -> tuple:
+    return tuple(sorted(TEXT_MODELS))
+
+
 def lookup(model: str) -> tuple:
-    try:
-        return TEXT_MODELS[model]
-    except KeyError:
-        raise UserError(
-            f"--framework text: no text tower is known for {model!r}; pass the image model's timm name, "
-            f"one of: {', '.join(sorted(TEXT_MODELS))}"
-        ) from None
+    """(open_clip model, pretrained tag) for the image model's timm name."""
+    if model not in TEXT_MODELS:
+        raise unknown_model("text", model, TEXT_MODELS)
+    return TEXT_MODELS[model]
+
+
+def spec(model: str) -> ModelSpec:
+    name, tag = lookup(model)
+    return ModelSpec(has_text=True, poolings=("head",), weights=open_clip_weights(name, tag))
 
 
 def build(cfg: dict) -> Backbone:
     import open_clip
 
     name, tag = lookup(cfg["model"])
-    if cfg.get("checkpoint"):
-        pretrained = cfg["checkpoint"]  # open_clip loads local files with weights_only=True
-    elif not cfg.get("pretrained", True):
-        torch.manual_seed(0)
-        pretrained = None
-    else:
-        pretrained = tag
-    model = open_clip.create_model(name, pretrained=pretrained)
+    model = open_clip.create_model(name, pretrained=open_clip_pretrained(cfg, tag))
     model.visual = None  # only the text tower is used
     return Backbone(model=model.eval(), tokenizer=open_clip.get_tokenizer(name))

@@ -1,0 +1,113 @@
+"""Meta's self-supervised backbones (`--framework fb`): DINO, DINOv2 (+reg), DINOv3, SwAV, MoCo v3.
+
+No remote code by default. Where timm carries the same weights (DINO ViTs, DINOv2, DINOv2-reg,
+DINOv3) we build through timm: its checkpoint filter maps the original key names, so the
+original `.pth` files also load with `--checkpoint`. The ResNet-50s and MoCo v3 ViT-B are plain
+architectures (timm's `resnet50`, `vit_base_patch16_224`) loaded from the released weight files
+(read with `weights_only=True`). torch.hub code runs only with `--trust_remote_code true`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ilias_ray.models import (ALL_POOLINGS, CNN_POOLINGS, IMAGENET_MEAN, IMAGENET_STD, Backbone, ModelSpec, Weights,
+                              load_into, load_state_dict, strip_prefixes, unknown_model, url_cached, url_hint)
+from ilias_ray.models import timm_models
+
+_V2 = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+_V3 = {"s": "small", "b": "base", "l": "large", "hplus": "huge_plus", "7b": "7b"}
+
+# fb name -> timm name with the same weights
+TIMM = {
+    "dino_vits16": "vit_small_patch16_224.dino",
+    "dino_vitb16": "vit_base_patch16_224.dino",
+    "dino_vits8": "vit_small_patch8_224.dino",
+    "dino_vitb8": "vit_base_patch8_224.dino",
+    **{f"dinov2_vit{k}14": f"vit_{v}_patch14_dinov2.lvd142m" for k, v in _V2.items()},
+    **{f"dinov2_vit{k}14_reg": f"vit_{v}_patch14_reg4_dinov2.lvd142m" for k, v in _V2.items()},
+    **{f"dinov3_vit{k}16": f"vit_{v}_patch16_dinov3.lvd1689m" for k, v in _V3.items()},
+}
+
+_FB = "https://dl.fbaipublicfiles.com"
+# fb name -> (timm architecture, released weight file, key prefixes to strip, hub repo and entry)
+RELEASED = {
+    "dino_resnet50": ("resnet50", f"{_FB}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+                      (), ("facebookresearch/dino:main", "dino_resnet50")),
+    "swav": ("resnet50", f"{_FB}/deepcluster/swav_800ep_pretrain.pth.tar",
+             ("module.",), ("facebookresearch/swav:main", "resnet50")),
+    "mocov3_resnet50": ("resnet50", f"{_FB}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar",
+                        ("module.base_encoder.",), None),
+    "mocov3_vitb16": ("vit_base_patch16_224", f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+                      ("module.base_encoder.",), None),
+}
+# Heads of the self-supervised training (projectors, prototypes, the momentum twin) are not features.
+DROP = ("fc.", "head.", "projection_head.", "prototypes.", "module.momentum_encoder.", "module.predictor.",
+        "momentum_encoder.", "predictor.")
+
+
+def names() -> tuple:
+    return tuple(sorted(set(TIMM) | set(RELEASED)))
+
+
+def patch_of(name: str) -> int:
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else 0
+
+
+def spec(name: str) -> ModelSpec:
+    if name in TIMM:
+        s = timm_models.spec(TIMM[name])
+        return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=patch_of(TIMM[name]), poolings=ALL_POOLINGS,
+                         weights=s.weights)
+    if name in RELEASED:
+        arch, url, _, _ = RELEASED[name]
+        vit = timm_models.is_vit(arch)
+        return ModelSpec(patch=patch_of(arch) if vit else 0, poolings=ALL_POOLINGS if vit else CNN_POOLINGS,
+                         weights=Weights(url, url_cached(url), url_hint(url)))
+    raise unknown_model("fb", name, names())
+
+
+def _use_hub(cfg: dict, name: str) -> bool:
+    """torch.hub runs the repo's code: only on the user's explicit --trust_remote_code true."""
+    return (bool(cfg.get("trust_remote_code")) and name in RELEASED and RELEASED[name][3] is not None
+            and not cfg.get("checkpoint") and cfg.get("pretrained", True))
+
+
+def build(cfg: dict) -> Backbone:
+    name = cfg["model"]
+    s = spec(name)
+    ckpt = cfg.get("checkpoint")
+    if name in TIMM:
+        model = timm_models.create(TIMM[name], ckpt, cfg.get("pretrained", True)).eval()
+    elif _use_hub(cfg, name):
+        repo, entry = RELEASED[name][3]
+        model = torch.hub.load(repo, entry, trust_repo=cfg["trust_remote_code"]).eval()
+        if hasattr(model, "fc"):
+            model.fc = torch.nn.Identity()  # the pooled features, as from the released weights
+        return Backbone(model=model, patch=s.patch)
+    else:
+        arch, url, prefixes, _ = RELEASED[name]
+        model = timm_models.create(arch, None, pretrained=False).eval()
+        if ckpt:
+            sd, src = load_state_dict(ckpt), ckpt
+        elif cfg.get("pretrained", True):
+            sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+            sd, src = sd.get("state_dict", sd), url
+        else:
+            sd = None
+        if sd is not None:
+            load_into(model, strip_prefixes(sd, prefixes), src, drop=DROP)
+    token_pool = getattr(model, "global_pool", None) == "token"
+    features = model.forward_features
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    if token_pool and prefix > 1:
+        # DINOv2-reg / DINOv3: patch tokens exclude the register tokens (the hub's x_norm_patchtokens).
+        def features(x, f=model.forward_features, p=prefix):
+            t = f(x)
+            return torch.cat([t[:, :1], t[:, p:]], dim=1)
+
+    return Backbone(model=model, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=s.patch, token_pool=token_pool,
+                    features=features)

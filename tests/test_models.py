@@ -1,0 +1,165 @@
+"""The model zoo: every framework builds offline, embeds odd-sized images, loads checkpoints safely."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ilias_ray.config import Config, UserError
+from ilias_ray.embed import Embedder
+from ilias_ray.models import check, framework
+from ilias_ray.models.table import benchmark_rows
+
+BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
+# An image whose sides are multiples of neither 14 nor 16 (nor 8), and not square.
+PIXELS = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+CASES = [
+    ("timm", "vit_tiny_patch16_224"),
+    ("timm", "resnet18"),
+    ("tv", "alexnet"),
+    ("och", "RN50.openai"),
+    ("fb", "dinov2_vits14_reg"),
+    ("fb", "dino_vits8"),
+    ("fb", "mocov3_resnet50"),
+]
+
+
+def cfg(fw, model, **kw):
+    return dict(BASE, framework=fw, model=model, pretrained=False, resolution=100, **kw)
+
+
+@pytest.mark.parametrize("fw,model", CASES)
+def test_builds_and_embeds_every_supported_pooling(fw, model):
+    spec = framework(fw).spec(model)
+    emb = Embedder(cfg(fw, model))
+    for pooling in spec.poolings:
+        emb.cfg["pooling"] = pooling  # one model, every pooling
+        check(emb.cfg)
+        f = emb.embed_pixels(PIXELS)
+        assert torch.isfinite(f).all(), pooling
+        torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
+        if pooling == "local":
+            h, w = 75, 101
+            if spec.patch:
+                assert f.shape[1] == -(-h // spec.patch) * -(-w // spec.patch)
+        else:
+            assert f.ndim == 2 and f.shape[0] == 2
+
+
+def features(c):
+    return Embedder(c).embed_pixels(PIXELS)
+
+
+def test_checkpoints_reproduce_features(tmp_path):
+    # timm/tv: a plain state_dict; fb MoCo v3: the released layout (prefixes, momentum twin, projector).
+    tv = framework("tv").build(cfg("tv", "alexnet")).model
+    torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
+    torch.testing.assert_close(features(cfg("tv", "alexnet", pooling="gem")),
+                               features(cfg("tv", "alexnet", pooling="gem", checkpoint=str(tmp_path / "alexnet.pth"))))
+
+    r50 = framework("fb").build(cfg("fb", "mocov3_resnet50")).model.state_dict()
+    released = {f"module.base_encoder.{k}": v for k, v in r50.items()}
+    released.update({f"module.momentum_encoder.{k}": v + 1 for k, v in r50.items()})
+    released["module.base_encoder.fc.0.weight"] = torch.zeros(4096, 2048)  # the MLP projector
+    released["module.predictor.0.weight"] = torch.zeros(4096, 256)
+    torch.save({"state_dict": released, "epoch": 1000}, tmp_path / "r-50-1000ep.pth.tar")
+    torch.testing.assert_close(features(cfg("fb", "mocov3_resnet50")),
+                               features(cfg("fb", "mocov3_resnet50", checkpoint=str(tmp_path / "r-50-1000ep.pth.tar"))))
+
+
+def test_dinov2_reg_original_key_names_load_through_timm(tmp_path):
+    """The original DINOv2 checkpoint layout (register_tokens, mask_token) maps onto timm's model."""
+    model = framework("fb").build(cfg("fb", "dinov2_vits14_reg")).model
+    sd = model.state_dict()
+    original = {("register_tokens" if k == "reg_token" else k): v for k, v in sd.items()}
+    original["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    # The original pos_embed also has a slot for the class token (timm folds it away).
+    original["pos_embed"] = torch.cat([torch.zeros_like(sd["pos_embed"][:, :1]), sd["pos_embed"]], dim=1)
+    assert "register_tokens" in original and "reg_token" not in original
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(original, path)
+    for pooling in ("head", "gap"):
+        torch.testing.assert_close(features(cfg("fb", "dinov2_vits14_reg", pooling=pooling)),
+                                   features(cfg("fb", "dinov2_vits14_reg", pooling=pooling, checkpoint=str(path))))
+
+
+def test_open_clip_checkpoint(tmp_path):
+    import open_clip
+
+    torch.manual_seed(3)
+    sd = open_clip.create_model("RN50").state_dict()
+    path = tmp_path / "rn50.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    a = features(cfg("och", "RN50.openai", checkpoint=str(path)))
+    b = features(cfg("och", "RN50.openai"))  # seed 0: other weights
+    assert not torch.allclose(a, b)
+    visual = open_clip.create_model("RN50", pretrained=str(path)).visual.eval()
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    emb = Embedder(cfg("och", "RN50.openai", checkpoint=str(path)))
+    # At 224 px the map is 7x7 and nothing is resized: the plain open_clip tower is the reference.
+    big = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(visual(((big.permute(0, 3, 1, 2).float() / 255) - mean) / std), dim=-1)
+    torch.testing.assert_close(emb.embed_pixels(big), want, rtol=1e-4, atol=1e-5)
+    # Other sizes give other map shapes; the resized position embedding makes them work.
+    assert emb.embed_pixels(PIXELS).shape == (2, 1024)
+
+
+def test_unknown_names_and_missing_weights_are_clean_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="nearest: dinov2_vitl14_reg"):
+        check(cfg("fb", "dinov2_vitl14_regs"))
+    with pytest.raises(UserError, match="unknown --framework"):
+        check(cfg("nope", "x"))
+    with pytest.raises(UserError, match="not supported"):
+        check(cfg("tv", "alexnet", pooling="cls"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
+    for fw, model in CASES:
+        with pytest.raises(UserError, match="not in the local cache.*(download|--checkpoint)"):
+            check(dict(cfg(fw, model), pretrained=True))
+    torch.save({"junk.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match="does not fit the model"):
+        framework("tv").build(cfg("tv", "alexnet", checkpoint=str(tmp_path / "wrong.pth")))
+
+
+def test_remote_code_only_behind_the_flag(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_hub_load(repo, entry, trust_repo=None, **kw):
+        calls.append((repo, entry, trust_repo))
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(torch.hub, "load", fake_hub_load)
+    r50 = framework("fb").build(cfg("fb", "swav")).model.state_dict()
+    torch.save({f"module.{k}": v for k, v in r50.items()}, tmp_path / "swav.pth.tar")
+    framework("fb").build(cfg("fb", "swav", checkpoint=str(tmp_path / "swav.pth.tar")))
+    framework("fb").build(cfg("fb", "swav", trust_remote_code=True))  # random weights: no hub either
+    assert calls == []
+    framework("fb").build(dict(cfg("fb", "swav", trust_remote_code=True), pretrained=True))
+    assert calls == [("facebookresearch/swav:main", "resnet50", True)]
+    # Nothing else in the package calls torch.hub.load or unpickles without weights_only=True.
+    src = subprocess.run(["grep", "-rn", r"torch.hub.load(\|torch.load(", "ilias_ray"], capture_output=True,
+                         text=True).stdout.splitlines()
+    assert all("fb.py" in ln and "trust_repo=cfg" in ln or "weights_only=True" in ln for ln in src), src
+
+
+def test_models_command_lists_the_benchmark_table():
+    out = subprocess.run([sys.executable, "-m", "ilias_ray", "models"], capture_output=True, text=True,
+                         timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    rows = benchmark_rows()
+    assert len(rows) > 60
+    for r in rows:
+        assert r["model"] in out.stdout
+    p = subprocess.run([sys.executable, "-m", "ilias_ray", "models", "--framework", "timm", "--model",
+                        "vit_tiny_patch16_224x"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "nearest: vit_tiny_patch16_224" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
