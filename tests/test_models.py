@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
+import torchvision
 from safetensors.torch import save_file
 
 from ilias_ray.config import Config, UserError
 from ilias_ray.embed import Embedder
-from ilias_ray.models import check, framework
+from ilias_ray.models import IMAGENET_MEAN, IMAGENET_STD, check, framework
 from ilias_ray.models.table import benchmark_rows
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
@@ -45,9 +46,11 @@ def test_builds_and_embeds_every_supported_pooling(fw, model):
         assert torch.isfinite(f).all(), pooling
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
         if pooling == "local":
-            h, w = 75, 101
-            if spec.patch:
-                assert f.shape[1] == -(-h // spec.patch) * -(-w // spec.patch)
+            assert f.ndim == 3 and f.shape[0] == 2
+            if spec.patch:  # padded to a multiple of spec.patch, then cut into the model's patches
+                tp = emb.bb.model.patch_embed.patch_size[0]
+                h, w = (-(-n // spec.patch) * spec.patch // tp for n in (75, 101))
+                assert f.shape[1] == h * w
         else:
             assert f.ndim == 2 and f.shape[0] == 2
 
@@ -58,10 +61,23 @@ def features(c):
 
 def test_checkpoints_reproduce_features(tmp_path):
     # timm/tv: a plain state_dict; fb MoCo v3: the released layout (prefixes, momentum twin, projector).
-    tv = framework("tv").build(cfg("tv", "alexnet")).model
-    torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
-    torch.testing.assert_close(features(cfg("tv", "alexnet", pooling="gem")),
-                               features(cfg("tv", "alexnet", pooling="gem", checkpoint=str(tmp_path / "alexnet.pth"))))
+    torch.manual_seed(5)
+    torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pth")  # the hub's layout
+    a = Embedder(cfg("tv", "alexnet", pooling="gem", checkpoint=str(tmp_path / "alexnet.pth")))
+    x = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8)
+    torch.manual_seed(5)
+    ref = torchvision.models.alexnet().eval()
+    t = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        fmap = ref.features(t)
+        want_head = torch.nn.functional.normalize(ref.classifier[:6](torch.flatten(ref.avgpool(fmap), 1)), dim=-1)
+    assert a.embed_pixels(x).shape == (2, 256)
+    a.cfg["pooling"] = "head"  # the reference: classifier[6] replaced by Identity, 4096-d
+    torch.testing.assert_close(a.embed_pixels(x), want_head, rtol=1e-4, atol=1e-5)
+    plain = tmp_path / "ours.pth"  # a file saved from our model (no classifier.6) loads too
+    torch.save(framework("tv").build(cfg("tv", "alexnet")).model.state_dict(), plain)
+    torch.testing.assert_close(features(cfg("tv", "alexnet", checkpoint=str(plain))), features(cfg("tv", "alexnet")))
 
     r50 = framework("fb").build(cfg("fb", "mocov3_resnet50")).model.state_dict()
     released = {f"module.base_encoder.{k}": v for k, v in r50.items()}

@@ -60,7 +60,9 @@ def patch_of(name: str) -> int:
 def spec(name: str) -> ModelSpec:
     if name in TIMM:
         s = timm_models.spec(TIMM[name])
-        return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=patch_of(TIMM[name]), poolings=ALL_POOLINGS,
+        # The reference pads every DINO (v1) ViT to a multiple of 16, patch8 ones included.
+        patch = 16 if name.startswith("dino_") else patch_of(TIMM[name])
+        return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=patch, poolings=ALL_POOLINGS,
                          weights=s.weights)
     if name in RELEASED:
         arch, url, _, _ = RELEASED[name]
@@ -102,12 +104,14 @@ def build(cfg: dict) -> Backbone:
             load_into(model, strip_prefixes(sd, prefixes), src, drop=DROP)
     token_pool = getattr(model, "global_pool", None) == "token"
     features = model.forward_features
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    if token_pool and prefix > 1:
-        # DINOv2-reg / DINOv3: patch tokens exclude the register tokens (the hub's x_norm_patchtokens).
-        def features(x, f=model.forward_features, p=prefix):
+    if name.startswith(("dinov2", "dinov3")):
+        # As DINOv2's get_intermediate_layers(reshape=True): the normed class token, and the patch
+        # tokens (register tokens excluded) on their 2-D grid, so R-MAC regions are 2-D.
+        def features(x, f=model.forward_features, p=model.patch_embed.patch_size[0],
+                     prefix=model.num_prefix_tokens):
             t = f(x)
-            return torch.cat([t[:, :1], t[:, p:]], dim=1)
+            grid = t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[-1], x.shape[-2] // p, x.shape[-1] // p)
+            return t[:, 0], grid
 
     return Backbone(model=model, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=s.patch, token_pool=token_pool,
                     features=features)

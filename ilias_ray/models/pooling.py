@@ -105,12 +105,19 @@ def _regional(x: torch.Tensor, aggr) -> torch.Tensor:
 def pool(name: str, x: torch.Tensor, token_pool: bool) -> torch.Tensor:
     """Pool ``forward_features`` output ``x`` with pooling ``name``.
 
-    x: (b, c, h, w) CNN map or (b, l, d) ViT tokens. token_pool: the model's
+    x: (b, c, h, w) CNN map, (b, l, d) ViT tokens, or a (class token, (b, c, h, w) map)
+    pair. token_pool: the model's
     ``global_pool == "token"``, i.e. x[:, 0] is a class token. Returns float32
     (b, c) for global poolings and (b, n, c) for "local".
     """
     if name not in POOLINGS:
         raise ValueError(f"unknown pooling {name!r}; expected one of {POOLINGS}")
+    if isinstance(x, tuple):
+        # (class token, (b, c, h, w) patch map): models whose patch tokens keep their 2-D grid.
+        cls_token, x = x
+        if name == "cls":
+            return cls_token.float()
+        x = x.float()
     # float32 even under fp16 autocast: GeM's cube and sums overflow/lose
     # precision in half.
     x = x.float()

@@ -41,18 +41,32 @@ def trunk(model: torch.nn.Module) -> torch.nn.Module:
     raise NotImplementedError(f"no feature trunk known for {type(model).__name__}; use --pooling head")
 
 
+def drop_classifier(model: torch.nn.Module) -> str:
+    """Replace the last Linear layer by Identity, so `head` gives the penultimate features (the
+    reference's AlexNet: `classifier[6] = Identity`, 4096-d). Returns the removed layer's name."""
+    for prefix in ("classifier", "heads", ""):
+        parent = model.get_submodule(prefix) if prefix else model
+        for name, child in reversed(list(parent.named_children())):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, torch.nn.Identity())
+                return f"{prefix}.{name}" if prefix else name
+    return ""
+
+
 def build(cfg: dict) -> Backbone:
     name = cfg["model"]
     spec(name)
     ckpt = cfg.get("checkpoint")
     torch.manual_seed(0)  # --pretrained false: every actor builds the same random weights
     model = torchvision.models.get_model(name, weights=None)
+    features = trunk(model)
+    removed = drop_classifier(model)
+    drop = (removed + ".",) if removed else ()
     if ckpt:
-        load_into(model, strip_prefixes(load_state_dict(ckpt), ("module.",)), ckpt)
+        load_into(model, strip_prefixes(load_state_dict(ckpt), ("module.",)), ckpt, drop=drop)
     elif cfg.get("pretrained", True):
         # Our own download (into $TORCH_HOME, hash-checked) so the file is read with weights_only=True.
         url = torchvision.models.get_model_weights(name).DEFAULT.url
         sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
-        load_into(model, sd, url)
-    model.eval()
-    return Backbone(model=model, features=trunk(model))
+        load_into(model, sd, url, drop=drop)
+    return Backbone(model=model.eval(), features=features)
