@@ -179,3 +179,36 @@ def test_models_command_lists_the_benchmark_table():
                         "vit_tiny_patch16_224x"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "nearest: vit_tiny_patch16_224" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_models_without_public_hub_names_load_user_checkpoints(tmp_path):
+    # recall/udon/uscrr: a timm architecture with a dim-d embedding layer as its classifier.
+    for name, dim in (("recall_512-resnet50", 512), ("udon_64-vit_base_patch16_224.augreg_in21k_ft_in1k", 64)):
+        spec = framework("timm").spec(name)
+        assert not spec.weights.public and f"num_classes={dim}" in spec.weights.hint
+        with pytest.raises(UserError, match="no public weights"):
+            check(dict(cfg("timm", name), pretrained=True))
+        model = framework("timm").build(cfg("timm", name)).model
+        path = tmp_path / f"{dim}.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+        pooling = "cls" if "vit" in name else "head"
+        got = features(cfg("timm", name, pooling=pooling, checkpoint=str(path)))
+        torch.testing.assert_close(got, features(cfg("timm", name, pooling=pooling)))
+        if pooling == "head":
+            assert got.shape == (2, dim)
+    # hier: the checkpoint's width and head pick the architecture and embedding size.
+    import timm
+
+    torch.manual_seed(2)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=128).eval()
+    path = tmp_path / "hier_sop.pth"
+    torch.save(vit.state_dict(), path)
+    got = features(cfg("hier", "dino_vit16_patch16_224_sop", checkpoint=str(path)))
+    x = (PIXELS.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(1, 3, 1, 1)
+    x = torch.nn.functional.pad(x, (5, 6, 2, 3))  # 75 x 101 -> 80 x 112, left = pad // 2
+    vit_dyn = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=128, dynamic_img_size=True)
+    vit_dyn.load_state_dict(vit.state_dict())
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(vit_dyn.eval()(x), dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -31,6 +31,8 @@ FRAMEWORKS = {
     "tv": "ilias_ray.models.tv",
     "och": "ilias_ray.models.och",
     "fb": "ilias_ray.models.fb",
+    "cvn": "ilias_ray.models.cvn",
+    "hier": "ilias_ray.models.hier",
     "text": "ilias_ray.models.text",
 }
 
@@ -104,9 +106,11 @@ def check(cfg: dict) -> ModelSpec:
     w = spec.weights
     if cfg.get("checkpoint"):
         return spec
+    if not cfg.get("pretrained", True):
+        return spec  # seeded random weights: nothing to fetch
     if not w.public:
         raise UserError(f"{cfg['model']}: no public weights; pass --checkpoint FILE ({w.hint})")
-    if cfg.get("pretrained", True) and w.cached is False and offline():
+    if w.cached is False and offline():
         raise UserError(f"{cfg['model']}: weights are not in the local cache and HF_HUB_OFFLINE=1; {w.hint}")
     return spec
 

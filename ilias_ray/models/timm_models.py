@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import timm
 import torch
 
 from ilias_ray.config import UserError
 from ilias_ray.models import (ALL_POOLINGS, CNN_POOLINGS, Backbone, ModelSpec, Weights, hf_cached, hf_hint,
-                              unknown_model, url_cached, url_hint)
+                              load_into, load_state_dict, strip_prefixes, unknown_model, url_cached, url_hint)
+
+# Benchmark rows named `{method}_{dim}-{timm architecture}`: a timm backbone fine-tuned with a
+# `dim`-d embedding layer as its classifier (Recall@k surrogate, UDON, USCRR). No hub serves them.
+CUSTOM = re.compile(r"^(recall|udon|uscrr)_(\d+)-(.+)$")
 
 
 def keeps_head(name: str) -> bool:
@@ -42,7 +47,24 @@ def weights(name: str) -> Weights:
     return Weights("none", None, "pass --checkpoint FILE")
 
 
+def custom(name: str):
+    """(method, embedding dim, timm architecture) for `recall_512-resnet50`-style names, else None."""
+    m = CUSTOM.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def custom_hint(name: str) -> str:
+    method, dim, arch = custom(name)
+    return (f"a state_dict of timm's {arch} created with num_classes={dim} (the {method} embedding layer "
+            f"as its classifier), .pth or .safetensors")
+
+
 def spec(name: str) -> ModelSpec:
+    c = custom(name)
+    if c and timm.is_model(c[2]):
+        vit = is_vit(name)
+        return ModelSpec(patch=patch_size(name) if vit else 0, poolings=ALL_POOLINGS if vit else CNN_POOLINGS,
+                         weights=Weights("user checkpoint", None, custom_hint(name), public=False))
     if not timm.is_model(name):
         raise unknown_model("timm", name, names())
     pc = timm.models.get_pretrained_cfg(name)
@@ -80,10 +102,24 @@ def create(name: str, checkpoint=None, pretrained=True, **extra) -> torch.nn.Mod
         raise
 
 
+def create_custom(name: str, checkpoint=None) -> torch.nn.Module:
+    _method, dim, arch = custom(name)
+    torch.manual_seed(0)
+    kwargs = {"dynamic_img_size": True} if is_vit(name) else {}
+    model = timm.create_model(arch, pretrained=False, num_classes=dim, **kwargs)
+    if checkpoint:
+        sd = strip_prefixes(load_state_dict(checkpoint), ("module.", "model."))
+        load_into(model, sd, checkpoint)
+    return model
+
+
 def build(cfg: dict) -> Backbone:
     name = cfg["model"]
     s = spec(name)
-    model = create(name, cfg.get("checkpoint"), cfg.get("pretrained", True)).eval()
+    if custom(name):
+        model = create_custom(name, cfg.get("checkpoint")).eval()
+    else:
+        model = create(name, cfg.get("checkpoint"), cfg.get("pretrained", True)).eval()
     pc = model.pretrained_cfg or {}
     return Backbone(
         model=model,
