@@ -212,3 +212,34 @@ def test_models_without_public_hub_names_load_user_checkpoints(tmp_path):
     with torch.no_grad():
         want = torch.nn.functional.normalize(vit_dyn.eval()(x), dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_hub_cache_and_offline_mode_are_honoured(tmp_path, vit_checkpoint):
+    """Weights placed in the HF cache (HF_HOME) load with HF_HUB_OFFLINE=1: no network, no --checkpoint."""
+    from conftest import VIT
+
+    snap = tmp_path / "hf" / "hub" / f"models--timm--{VIT}"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("0" * 40)
+    (snap / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (snap / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(vit_checkpoint.read_bytes())
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "-m", "ilias_ray", "models", "--framework", "timm", "--model", VIT],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert "yes (weights cached)" in p.stdout, p.stdout + p.stderr
+    code = (
+        "import dataclasses, torch; from ilias_ray.config import Config; from ilias_ray.embed import Embedder;"
+        f"c = dict(dataclasses.asdict(Config(dataset_dir='.', hdf5_dir='.')), model='{VIT}', resolution=64);"
+        f"c2 = dict(c, checkpoint='{vit_checkpoint}');"
+        "x = torch.randint(0, 256, (1, 40, 50, 3), dtype=torch.uint8);"
+        "a, b = Embedder(c).embed_pixels(x), Embedder(c2).embed_pixels(x);"
+        "print('same' if torch.equal(a, b) else 'different')"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.stdout.strip() == "same", p.stderr[-2000:]
+    empty = dict(env, HF_HOME=str(tmp_path / "nothing"))
+    p = subprocess.run([sys.executable, "-m", "ilias_ray", "extract", "--dataset_dir", str(tmp_path),
+                        "--hdf5_dir", str(tmp_path / "out"), "--model", VIT], capture_output=True, text=True,
+                       timeout=120, env=empty)
+    assert p.returncode == 2 and "not in the local cache and HF_HUB_OFFLINE=1" in p.stderr
+    assert f"timm/{VIT}" in p.stderr and len(p.stderr.strip().splitlines()) == 1
