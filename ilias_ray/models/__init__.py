@@ -33,6 +33,7 @@ FRAMEWORKS = {
     "fb": "ilias_ray.models.fb",
     "cvn": "ilias_ray.models.cvn",
     "hier": "ilias_ray.models.hier",
+    "unicom": "ilias_ray.models.unicom",
     "text": "ilias_ray.models.text",
 }
 
