@@ -243,3 +243,25 @@ def test_hub_cache_and_offline_mode_are_honoured(tmp_path, vit_checkpoint):
                        timeout=120, env=empty)
     assert p.returncode == 2 and "not in the local cache and HF_HUB_OFFLINE=1" in p.stderr
     assert f"timm/{VIT}" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_fb_dino_position_embeddings_resize_like_the_originals():
+    """DINO/DINOv2 resize their table by a scale factor (grid + 0.1) / M, bicubic, no antialias."""
+    import timm
+
+    emb = Embedder(cfg("fb", "dinov2_vits14"))
+    got = emb.embed_pixels(PIXELS)  # 75 x 101 -> padded to 84 x 112 -> a 6 x 8 grid
+    sd = emb.bb.model.state_dict()
+    table = sd["pos_embed"]
+    m = int((table.shape[1] - 1) ** 0.5)
+    grid = table[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=((6 + 0.1) / m, (8 + 0.1) / m), mode="bicubic")
+    sd["pos_embed"] = torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 48, -1)], dim=1)
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=(84, 112))
+    ref.load_state_dict(sd)
+    x = (PIXELS.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(1, 3, 1, 1)
+    x = torch.nn.functional.pad(x, (5, 6, 4, 5))
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(ref.eval()(x), dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -34,6 +34,8 @@ FRAMEWORKS = {
     "cvn": "ilias_ray.models.cvn",
     "hier": "ilias_ray.models.hier",
     "unicom": "ilias_ray.models.unicom",
+    "unc": "ilias_ray.models.unc",
+    "hf": "ilias_ray.models.hf",
     "text": "ilias_ray.models.text",
 }
 

@@ -9,9 +9,11 @@ architectures (timm's `resnet50`, `vit_base_patch16_224`) loaded from the releas
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
+import torch.nn.functional as F
 
 from ilias_ray.models import (ALL_POOLINGS, CNN_POOLINGS, IMAGENET_MEAN, IMAGENET_STD, Backbone, ModelSpec, Weights,
                               load_into, load_state_dict, strip_prefixes, unknown_model, url_cached, url_hint)
@@ -78,12 +80,50 @@ def _use_hub(cfg: dict, name: str) -> bool:
             and not cfg.get("checkpoint") and cfg.get("pretrained", True))
 
 
+def use_dino_pos_embed(model) -> None:
+    """Resize position embeddings as DINO's and DINOv2's own `interpolate_pos_encoding` do.
+
+    timm's dynamic size resamples with `size=` and antialias; DINO (v1 and v2) uses a scale factor
+    of (grid + 0.1) / M without antialias, and keeps the table as is at its own square grid. The
+    reference runs the original models, so this is what gives their features.
+    """
+    offset, antialias = 0.1, False
+
+    def pos_embed(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape  # patch tokens, NHWC (dynamic_img_size)
+        table = model.pos_embed
+        lead = 0 if model.no_embed_class else 1  # the class-token slot, when not folded into cls_token
+        patch_pe = table[:, lead:]
+        m = math.isqrt(patch_pe.shape[1])
+        if (h, w) != (m, m):
+            g = patch_pe.float().reshape(1, m, m, c).permute(0, 3, 1, 2)
+            g = F.interpolate(g, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic",
+                              antialias=antialias)
+            if g.shape[-2:] != (h, w):
+                raise RuntimeError(f"position embedding resized to {tuple(g.shape[-2:])}, not {(h, w)}")
+            patch_pe = g.permute(0, 2, 3, 1).reshape(1, h * w, c).to(x.dtype)
+        x = x.reshape(b, h * w, c)
+        prefix = [model.cls_token.expand(b, -1, -1)]
+        if model.reg_token is not None:
+            prefix.append(model.reg_token.expand(b, -1, -1))
+        if lead:
+            x = torch.cat([prefix[0], x], dim=1) + torch.cat([table[:, :1], patch_pe], dim=1).to(x.dtype)
+            x = torch.cat([x[:, :1], *prefix[1:], x[:, 1:]], dim=1)
+        else:
+            x = torch.cat([*prefix, x + patch_pe], dim=1)
+        return model.pos_drop(x)
+
+    model._pos_embed = pos_embed
+
+
 def build(cfg: dict) -> Backbone:
     name = cfg["model"]
     s = spec(name)
     ckpt = cfg.get("checkpoint")
     if name in TIMM:
         model = timm_models.create(TIMM[name], ckpt, cfg.get("pretrained", True)).eval()
+        if name.startswith(("dino_", "dinov2_")):  # DINOv3 uses RoPE: no table to resize
+            use_dino_pos_embed(model)
     elif _use_hub(cfg, name):
         repo, entry = RELEASED[name][3]
         model = torch.hub.load(repo, entry, trust_repo=cfg["trust_remote_code"]).eval()
