@@ -28,6 +28,10 @@ CASES = [
     ("fb", "dinov2_vits14_reg"),
     ("fb", "dino_vits8"),
     ("fb", "mocov3_resnet50"),
+    ("cvn", "superglobal_resnet50"),
+    ("unicom", "unicom_vit_base_patch16_224"),
+    ("hier", "dino_vit16_patch16_224_sop"),
+    ("timm", "recall_512-resnet50"),
 ]
 
 
@@ -48,7 +52,7 @@ def test_builds_and_embeds_every_supported_pooling(fw, model):
         if pooling == "local":
             assert f.ndim == 3 and f.shape[0] == 2
             if spec.patch:  # padded to a multiple of spec.patch, then cut into the model's patches
-                tp = emb.bb.model.patch_embed.patch_size[0]
+                tp = emb.bb.model.patch_embed.proj.kernel_size[0]
                 h, w = (-(-n // spec.patch) * spec.patch // tp for n in (75, 101))
                 assert f.shape[1] == h * w
         else:
@@ -126,6 +130,14 @@ def test_open_clip_checkpoint(tmp_path):
     torch.testing.assert_close(emb.embed_pixels(big), want, rtol=1e-4, atol=1e-5)
     # Other sizes give other map shapes; the resized position embedding makes them work.
     assert emb.embed_pixels(PIXELS).shape == (2, 1024)
+    # The text tower loads the same open_clip checkpoint (--framework text --checkpoint).
+    text = Embedder(cfg("text", "RN50.openai", checkpoint=str(path)))
+    assert text.bb.model.visual is None  # only the text tower is kept
+    prompts = ["a red mug on a desk", "the eiffel tower at night"]
+    full = open_clip.create_model("RN50", pretrained=str(path)).eval()
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(full.encode_text(open_clip.get_tokenizer("RN50")(prompts)), dim=-1)
+    torch.testing.assert_close(text.embed_texts(prompts), want)
 
 
 def test_unknown_names_and_missing_weights_are_clean_errors(tmp_path, monkeypatch):
@@ -139,7 +151,7 @@ def test_unknown_names_and_missing_weights_are_clean_errors(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
     for fw, model in CASES:
-        with pytest.raises(UserError, match="not in the local cache.*(download|--checkpoint)"):
+        with pytest.raises(UserError, match="(not in the local cache|no public weights).*(download|--checkpoint)"):
             check(dict(cfg(fw, model), pretrained=True))
     torch.save({"junk.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="does not fit the model"):
@@ -265,3 +277,23 @@ def test_fb_dino_position_embeddings_resize_like_the_originals():
     with torch.no_grad():
         want = torch.nn.functional.normalize(ref.eval()(x), dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_load_once_per_actor(monkeypatch):
+    import numpy as np
+
+    import ilias_ray.embed as embed_mod
+
+    calls = []
+    real = embed_mod.build
+    monkeypatch.setattr(embed_mod, "build", lambda c: calls.append(1) or real(c))
+    emb = Embedder(cfg("timm", "resnet18"))
+    img = np.zeros((20, 30, 3), np.uint8).tobytes()
+    batch = {"seq": np.arange(3), "out": np.zeros(3, np.int32), "unit": np.zeros(3, np.int32), "pos": np.arange(3),
+             "id": np.array(["a", "b", "c"], dtype=object), "kind": np.full(3, 5, np.int8),
+             "note": np.array([""] * 3, dtype=object), "off": np.zeros(3), "h": np.full(3, 20), "w": np.full(3, 30),
+             "img": np.array([img] * 3, dtype=object), "mask": np.array([b""] * 3, dtype=object),
+             "data": np.array([b""] * 3, dtype=object)}
+    for _ in range(3):
+        out = emb(batch)
+    assert calls == [1] and len(out["feat"][0]) == 512 * 2  # fp16
