@@ -41,7 +41,8 @@ def init_ray(cfg: Config):
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(include_dashboard=False, **kwargs)
+            # "local": a new single-node cluster, not whatever `ray start` last left on this machine.
+            ray.init(address="local", include_dashboard=False, **kwargs)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
     ctx = ray.data.DataContext.get_current()
@@ -69,7 +70,8 @@ def output_specs(plan: Plan) -> list:
             "name": o.name,
             "path": o.path,
             "settings": o.settings,
-            "units": [(uid, units[uid].name, units[uid].count, units[uid].size) for uid in o.units],
+            "units": [(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record)
+                      for uid in o.units],
         }
         for o in plan.outputs
     ]
@@ -129,6 +131,11 @@ def run(cfg: Config) -> dict:
     summary = {"written": [], "already_done": plan.done, "rows": 0, "skipped": 0}
     if plan.outputs:
         prepare_output_dir(cfg, plan)
+        units = {u.uid: u for u in plan.units}
+        for o in plan.outputs:
+            done = sum(units[uid].record is not None for uid in o.units)
+            if done:
+                say(f"[{o.name}] resuming: {done} of {len(o.units)} unit(s) already done by an earlier run")
         summary.update(execute(cfg, plan))
     summary["wall_s"] = round(time.time() - t0, 2)
     summary["images_per_s"] = round((summary["rows"] + summary["skipped"]) / max(summary["wall_s"], 1e-6), 2)
@@ -142,17 +149,37 @@ def run(cfg: Config) -> dict:
     return summary
 
 
-def execute(cfg: Config, plan: Plan) -> dict:
-    ray = init_ray(cfg)
+def build_dataset(cfg: Config, plan: Plan, ray):
+    """read + decode (fused into one task: bytes are decoded where they are read) -> model actors.
+
+    Rows leaving it carry features and bookkeeping only, never pixels or file bytes.
+    """
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from ilias_ray.embed import Embedder
     from ilias_ray.preprocess import decode_batch
     from ilias_ray.read import IliasDatasource
-    from ilias_ray.sink import Sink
 
     c = asdict(cfg)
     n_actors, actor_res = model_pool_size(cfg, ray)
+    source = IliasDatasource(plan.units, plan.selected_keys)
+    decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))
+    ds = ray.data.read_datasource(source, num_cpus=1, compute=decoders, override_num_blocks=source.num_tasks())
+    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": c}, batch_size=None, batch_format="numpy",
+                        compute=decoders, num_cpus=1)
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c}, batch_size=cfg.webdl_batch_size,
+                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_actors),
+                        **actor_res)
+    return ds, n_actors, actor_res
+
+
+def execute(cfg: Config, plan: Plan) -> dict:
+    ray = init_ray(cfg)
+    from ray.data import ActorPoolStrategy
+
+    from ilias_ray.sink import Sink
+
+    c = asdict(cfg)
     run_info = {
         "dtype": "float16" if cfg.store_fp16 else "float32",
         "compression": cfg.hdf5_compression,
@@ -160,16 +187,9 @@ def execute(cfg: Config, plan: Plan) -> dict:
         "run_settings": {k: c[k] for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size",
                                            "start_tar", "total_tars", "tar_batch_size")},
     }
+    ds, n_actors, actor_res = build_dataset(cfg, plan, ray)
     say(f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
         f"({n_actors} model actor(s), {'GPU' if 'num_gpus' in actor_res else 'CPU'})")
-
-    # Reading is I/O: a quarter CPU each, so readers never starve the decode tasks.
-    ds = ray.data.read_datasource(IliasDatasource(plan.units, plan.selected_keys), num_cpus=0.25)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": c}, batch_size=None, batch_format="numpy",
-                        compute=TaskPoolStrategy(size=max(1, cfg.num_workers)), num_cpus=1)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c}, batch_size=cfg.webdl_batch_size,
-                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_actors),
-                        **actor_res)
     # The sink lives on the driver's node, which owns --hdf5_dir.
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": output_specs(plan), "run": run_info},
@@ -177,7 +197,9 @@ def execute(cfg: Config, plan: Plan) -> dict:
                         num_cpus=0, resources=here)
     progress = Progress(plan)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        progress.update(batch)
+        progress.update(batch)  # the driver sees progress rows only
+    if os.environ.get("ILIAS_RAY_STATS"):
+        say(ds.stats())
     tot = progress.totals()
     missing = [o.name for o in plan.outputs if o.name not in tot["finished"]]
     if missing:

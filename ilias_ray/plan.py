@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -40,6 +41,7 @@ class Unit:
     path: Optional[str] = None  # tar path
     size: int = 0  # tar size in bytes (for progress)
     items: list = field(default_factory=list)  # folder/text: [(id, path, boxes)]
+    record: Optional[dict] = None  # the completion record of an earlier, interrupted run
 
     @property
     def count(self) -> Optional[int]:
@@ -63,7 +65,7 @@ class Output:
 @dataclass
 class Plan:
     outputs: list  # outputs to write now
-    units: list  # all units of those outputs, by uid
+    units: list  # all units of those outputs, by uid (those with a record are not read again)
     done: list  # names of outputs that are already complete with the same settings
     selected_keys: Optional[frozenset] = None  # distractor key filter
 
@@ -178,6 +180,28 @@ def output_status(path: str, settings: dict) -> str:
     return "same" if not diff else "settings differ (" + "; ".join(diff) + ")"
 
 
+def finished_units(path: str, settings: dict) -> dict:
+    """Completion records {unit index: record} an interrupted run of the same settings left."""
+    folder = path + ".parts"
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if meta.get("fingerprint") != fingerprint(settings):
+        return {}
+    records = {}
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        if ext == ".json" and stem.isdigit():
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    records[int(stem)] = json.load(f)
+            except (OSError, ValueError):
+                pass  # a torn record: redo that unit
+    return records
+
+
 def make_plan(cfg: Config) -> Plan:
     """List inputs, name outputs, and decide per output: skip, refuse, or (re)do."""
     base = cfg.output_settings()
@@ -204,13 +228,15 @@ def make_plan(cfg: Config) -> Plan:
         if status not in ("missing", "same") and not cfg.overwrite:
             raise UserError(f"{path} exists but {status}; pass --overwrite true to replace it")
         out = Output(index=len(outputs), name=name, path=path, units=[], settings=settings)
-        for kind, src in sources:
+        records = {} if cfg.overwrite else finished_units(path, settings)
+        for k, (kind, src) in enumerate(sources):
             uid = len(units)
             if kind == "tar":
                 tar_path = os.path.join(cfg.dataset_dir, src)
                 unit = Unit(uid, out.index, "tar", src, path=tar_path, size=os.path.getsize(tar_path))
             else:
                 unit = Unit(uid, out.index, kind, cfg.partition, items=src)
+            unit.record = records.get(k)
             units.append(unit)
             out.units.append(uid)
         outputs.append(out)
@@ -225,9 +251,13 @@ def prepare_output_dir(cfg: Config, plan: Plan) -> None:
         raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r}: {e.strerror or e}") from None
     if not os.access(cfg.hdf5_dir, os.W_OK):
         raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r} is not writable")
+    units = {u.uid: u for u in plan.units}
     for out in plan.outputs:
         if os.path.exists(out.partial_path):
             os.remove(out.partial_path)
+        done = [units[uid] for uid in out.units if units[uid].record is not None]
+        if not done and os.path.isdir(out.path + ".parts"):
+            shutil.rmtree(out.path + ".parts")  # other settings, --overwrite, or nothing finished
 
 
 def fingerprint(settings: dict) -> str:

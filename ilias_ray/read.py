@@ -154,12 +154,18 @@ class IliasDatasource(Datasource):
         self.units = units
         self.selected = selected
 
+    def todo(self) -> list:
+        return [u for u in self.units if u.record is None]  # units an earlier run finished are not read
+
+    def num_tasks(self) -> int:
+        return sum(1 if u.kind == "tar" else -(-len(u.items) // FOLDER_TASK_ROWS) for u in self.todo())
+
     def estimate_inmemory_data_size(self) -> Optional[int]:
-        return sum(u.size for u in self.units) or None
+        return sum(u.size for u in self.todo()) or None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
         tasks, sel = [], self.selected
-        for u in self.units:
+        for u in self.todo():
             if u.kind == "tar":
                 meta = BlockMetadata(num_rows=None, size_bytes=u.size, input_files=[u.path], exec_stats=None)
                 tasks.append(ReadTask(lambda u=u: read_tar(u, sel), meta, schema=SCHEMA))

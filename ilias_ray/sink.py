@@ -1,26 +1,30 @@
 """Stage 4 (one actor, on the node that owns --hdf5_dir): reorder rows, write HDF5 files.
 
-Rows reach the sink out of order. Each output keeps a cursor (unit, position) and a reorder
-buffer keyed by sequence id; every contiguous run is appended to resizable datasets, so memory
-depends on how far rows arrive out of order, not on the chunk size. A file is written as
-`NAME.hdf5.partial` and renamed to `NAME.hdf5` only once every row its units owe is written.
+Rows reach the sink out of order. Each unit (tar shard, or folder list) has its own cursor and
+reorder buffer, and streams its in-order rows to a part file in `NAME.hdf5.parts/`, so memory
+depends on how far rows arrive out of order, not on how many rows a shard or chunk has, and a
+later shard never waits in memory for an earlier one. A finished unit's part is made durable
+(fsync, then its `K.json` record written atomically): after a crash, a rerun redoes only the
+units without a record. When every unit of an output is done, the parts are copied in order
+into `NAME.hdf5.partial`, which is renamed to `NAME.hdf5` only once complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
+import shutil
 
 import h5py
 import numpy as np
 
 from ilias_ray import __version__
 from ilias_ray.config import settings_json
-from ilias_ray.plan import fingerprint, seq_id
+from ilias_ray.plan import fingerprint
 from ilias_ray.read import MARKER, SKIP
 
 FLUSH_ROWS = 1024
+COPY_ROWS = 8192  # rows per block when assembling the HDF5 file
 ASCII = h5py.string_dtype("ascii")
 UTF8 = h5py.string_dtype("utf-8")
 
@@ -37,135 +41,215 @@ def library_versions() -> dict:
     return out
 
 
+def parts_dir(path: str) -> str:
+    return path + ".parts"
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _append(ds, values) -> None:
     n = ds.shape[0]
     ds.resize(n + len(values), axis=0)
     ds[n:] = values
 
 
+class UnitWriter:
+    """One unit's rows, in position order, appended to `K.feat` (raw vectors) and `K.rows`
+    (one JSON line per row: id, vectors, or the skip reason); `K.json` marks it complete."""
+
+    def __init__(self, folder: str, k: int, dtype: str):
+        self.base = os.path.join(folder, str(k))
+        self.dtype = dtype
+        self.pos = 0
+        self.count = None  # known from the marker (tars) or the plan (folders)
+        self.end = "eof"
+        self.buffer = {}  # pos -> row
+        self.rows = self.skipped = self.vectors = 0
+        self.dim = 0
+        self.done = False
+        self.feat = self.lines = None
+
+    def _open(self):
+        self.feat = open(self.base + ".feat.tmp", "wb")
+        self.lines = open(self.base + ".rows.tmp", "w")
+
+    def drain(self) -> None:
+        while not self.done:
+            if self.count is not None and self.pos >= self.count:
+                self.close()
+                return
+            row = self.buffer.pop(self.pos, None)
+            if row is None:
+                return
+            if self.feat is None:
+                self._open()
+            id_, kind, feat, nvec, note = row
+            if kind == SKIP:
+                self.lines.write(json.dumps([id_, 0, note]) + "\n")
+                self.skipped += 1
+            else:
+                self.feat.write(feat)
+                self.lines.write(json.dumps([id_, nvec]) + "\n")
+                self.dim = len(feat) // np.dtype(self.dtype).itemsize // nvec
+                self.rows += 1
+                self.vectors += nvec
+            self.pos += 1
+
+    def close(self) -> None:
+        if self.feat is None:
+            self._open()
+        for f in (self.feat, self.lines):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        os.replace(self.base + ".feat.tmp", self.base + ".feat")
+        os.replace(self.base + ".rows.tmp", self.base + ".rows")
+        write_json_atomic(self.base + ".json", {"count": self.count, "end": self.end, "rows": self.rows,
+                                                "skipped": self.skipped, "vectors": self.vectors, "dim": self.dim})
+        self.done = True
+
+
 class OutputWriter:
     def __init__(self, spec: dict, run: dict):
-        self.spec = spec  # name, path, units [(uid, name, count or None, size)], settings
+        self.spec = spec  # name, path, settings, units [(uid, name, count or None, size, done record or None)]
         self.run = run  # dtype, compression, local, run settings
         self.units = spec["units"]
-        self.counts = {u[0]: u[2] for u in self.units}
-        self.ends = {}  # uid -> why the unit stopped ("eof", "truncated: ...")
+        self.folder = parts_dir(spec["path"])
+        os.makedirs(self.folder, exist_ok=True)
+        write_json_atomic(os.path.join(self.folder, "meta.json"),
+                          {"fingerprint": fingerprint(spec["settings"]), "settings": spec["settings"]})
+        self.writers = {}
+        self.records = {}  # k -> the unit's completion record
+        for k, (uid, _name, count, _size, record) in enumerate(self.units):
+            if record is not None:
+                self.records[k] = record  # done by an earlier run
+            else:
+                w = UnitWriter(self.folder, k, run["dtype"])
+                w.count = count
+                self.writers[uid] = (k, w)
         self.offsets = {u[0]: 0 for u in self.units}
-        self.k = 0  # cursor: index into units
-        self.pos = 0  # cursor: position inside the unit
-        self.buffer = {}  # seq -> (id, kind, feat, nvec, note)
-        self.pending = []
-        self.skipped = []  # (id, reason)
-        self.rows = 0
-        self.vectors = 0
         self.duplicates = 0
         self.finished = False
-        self.f = None
-        self.started = time.time()
 
     # -- progress --
+    @property
+    def rows(self) -> int:
+        return sum(r["rows"] for r in self.records.values()) + sum(w.rows for _, w in self.writers.values()
+                                                                   if not w.done)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r["skipped"] for r in self.records.values()) + sum(w.skipped for _, w in self.writers.values()
+                                                                      if not w.done)
+
     def fraction(self) -> float:
         if self.finished:
             return 1.0
         total = sum(u[3] for u in self.units)
         if total:  # tar shards: bytes consumed, an order-independent estimate
-            done = sum(u[3] if u[0] in self.ends else min(self.offsets[u[0]], u[3]) for u in self.units)
+            done = sum(u[3] if k in self.records else min(self.offsets[u[0]], u[3]) for k, u in enumerate(self.units))
             return done / total
-        expected = sum(c or 0 for c in self.counts.values())
-        return (self.rows + len(self.skipped)) / expected if expected else 0.0
+        expected = sum(u[2] or 0 for u in self.units)
+        return (self.rows + self.skipped) / expected if expected else 0.0
+
+    def truncated(self) -> int:
+        return sum(1 for r in self.records.values() if r["end"] != "eof")
 
     # -- rows in --
-    def add(self, seq, id_, kind, feat, nvec, note, off, unit) -> None:
-        if self.finished or seq in self.buffer or seq < seq_id(self.units[self.k][0], self.pos):
+    def add(self, uid, pos, id_, kind, feat, nvec, note, off) -> None:
+        k, w = self.writers[uid]
+        if w.done or pos < w.pos or pos in w.buffer:
             self.duplicates += 1  # a retried task may resend rows: keep the first copy
             return
-        self.offsets[unit] = max(self.offsets[unit], int(off))
-        self.buffer[seq] = (id_, kind, feat, nvec, note)
+        self.offsets[uid] = max(self.offsets[uid], int(off))
+        w.buffer[pos] = (id_, kind, feat, nvec, note)
 
     def end_unit(self, uid, count, note) -> None:
-        self.counts[uid] = int(count)
-        self.ends[uid] = note
+        _k, w = self.writers[uid]
+        w.count, w.end = int(count), note
 
     def drain(self) -> None:
-        while not self.finished:
-            uid, _name, _c, _size = self.units[self.k]
-            count = self.counts[uid]
-            if count is not None and self.pos >= count:
-                self.ends.setdefault(uid, "eof")
-                self.k += 1
-                self.pos = 0
-                if self.k == len(self.units):
-                    self.finalize()
-                continue
-            row = self.buffer.pop(seq_id(uid, self.pos), None)
-            if row is None:
-                break
-            self.pos += 1
-            id_, kind, feat, nvec, note = row
-            if kind == SKIP:
-                self.skipped.append((id_, note))
-            else:
-                self.pending.append((id_, feat, nvec))
-                if len(self.pending) >= FLUSH_ROWS:
-                    self.flush()
-        self.flush()
+        for k, w in self.writers.values():
+            if not w.done:
+                w.drain()
+                if w.done:
+                    with open(os.path.join(self.folder, f"{k}.json")) as f:
+                        self.records[k] = json.load(f)
+        if not self.finished and len(self.records) == len(self.units):
+            self.assemble()
 
     # -- HDF5 --
-    def _open(self, dim: int) -> None:
+    def assemble(self) -> None:
+        """Copy the parts, in unit order, into NAME.hdf5.partial; rename it when complete."""
+        dtype = self.run["dtype"]
+        dim = max((r["dim"] for r in self.records.values()), default=0)
         comp = self.run["compression"]
         opts = {"compression": "gzip", "compression_opts": comp} if comp else {}
-        self.f = h5py.File(self.spec["path"] + ".partial", "w")
-        if dim:
-            rows_per_chunk = max(1, min(1024, (1 << 20) // (dim * 4)))
-            self.f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype=self.run["dtype"],
-                                  chunks=(rows_per_chunk, dim), **opts)
-        else:  # nothing to store: a valid empty array
-            self.f.create_dataset("features", (0, 0), dtype=self.run["dtype"])
-        self.f.create_dataset("index", (0,), maxshape=(None,), dtype=ASCII, chunks=(1024,))
-        if self.run["local"]:
-            self.f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1024,))
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        itemsize = np.dtype(self.run["dtype"]).itemsize
-        vecs = [np.frombuffer(f, self.run["dtype"]).reshape(n, -1) for _, f, n in self.pending]
-        if self.f is None:
-            self._open(len(self.pending[0][1]) // itemsize // self.pending[0][2])
-        _append(self.f["features"], np.concatenate(vecs))
-        _append(self.f["index"], [i for i, _, _ in self.pending])
-        if self.run["local"]:
-            ends = self.vectors + np.cumsum([n for _, _, n in self.pending])
-            _append(self.f["offsets"], ends)
-        self.vectors += sum(n for _, _, n in self.pending)
-        self.rows += len(self.pending)
-        self.pending = []
-
-    def finalize(self) -> None:
-        self.flush()
-        if self.f is None:  # every row was skipped: still write a valid, empty file
-            self._open(0)
-        f = self.f
-        f.create_dataset("skipped_index", data=np.array([s[0] for s in self.skipped], dtype=object), dtype=ASCII)
-        f.create_dataset("skipped_reason", data=np.array([s[1] for s in self.skipped], dtype=object), dtype=UTF8)
-        settings = self.spec["settings"]
-        f.attrs["ilias_ray_settings"] = settings_json(settings)
-        f.attrs["fingerprint"] = fingerprint(settings)
-        f.attrs["run"] = json.dumps(self.run["run_settings"], sort_keys=True)
-        f.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)
-        f.attrs["units"] = json.dumps(
-            [{"name": u[1], "rows": self.counts[u[0]], "end": self.ends.get(u[0], "eof")} for u in self.units]
-        )
-        f.attrs["num_rows"] = self.rows
-        f.attrs["num_skipped"] = len(self.skipped)
-        f.attrs["duplicates_dropped"] = self.duplicates
-        f.attrs["complete"] = True
-        f.flush()
-        os.fsync(f.id.get_vfd_handle())
-        f.close()
-        self.f = None
-        os.replace(self.spec["path"] + ".partial", self.spec["path"])  # atomic: finished or absent
+        partial = self.spec["path"] + ".partial"
+        skipped, ends = [], []
+        with h5py.File(partial, "w") as f:
+            if dim:
+                chunk = max(1, min(1024, (1 << 20) // (dim * 4)))
+                feats = f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype=dtype,
+                                         chunks=(chunk, dim), **opts)
+            else:  # nothing to store: a valid empty array
+                feats = f.create_dataset("features", (0, 0), dtype=dtype)
+            index = f.create_dataset("index", (0,), maxshape=(None,), dtype=ASCII, chunks=(1024,))
+            local = self.run["local"]
+            offsets = f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,),
+                                       chunks=(1024,)) if local else None
+            total_vectors = 0
+            for k, (uid, name, _c, _s, _r) in enumerate(self.units):
+                rec = self.records[k]
+                ends.append({"name": name, "rows": rec["count"], "end": rec["end"]})
+                base = os.path.join(self.folder, str(k))
+                with open(base + ".rows") as lines, open(base + ".feat", "rb") as blob:
+                    batch = []
+                    for line in lines:
+                        row = json.loads(line)
+                        if row[1] == 0:
+                            skipped.append((row[0], row[2]))
+                            continue
+                        batch.append(row)
+                        if len(batch) >= COPY_ROWS:
+                            total_vectors = self._copy(batch, blob, dim, feats, index, offsets, total_vectors)
+                            batch = []
+                    total_vectors = self._copy(batch, blob, dim, feats, index, offsets, total_vectors)
+            f.create_dataset("skipped_index", data=np.array([s[0] for s in skipped], dtype=object), dtype=ASCII)
+            f.create_dataset("skipped_reason", data=np.array([s[1] for s in skipped], dtype=object), dtype=UTF8)
+            settings = self.spec["settings"]
+            f.attrs["ilias_ray_settings"] = settings_json(settings)
+            f.attrs["fingerprint"] = fingerprint(settings)
+            f.attrs["run"] = json.dumps(self.run["run_settings"], sort_keys=True)
+            f.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)
+            f.attrs["units"] = json.dumps(ends)
+            f.attrs["num_rows"] = index.shape[0]
+            f.attrs["num_skipped"] = len(skipped)
+            f.attrs["duplicates_dropped"] = self.duplicates
+            f.attrs["complete"] = True
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+        os.replace(partial, self.spec["path"])  # atomic: finished or absent
+        shutil.rmtree(self.folder, ignore_errors=True)
         self.finished = True
+
+    def _copy(self, batch, blob, dim, feats, index, offsets, total_vectors) -> int:
+        if not batch:
+            return total_vectors
+        n = sum(r[1] for r in batch)
+        vecs = np.frombuffer(blob.read(n * dim * np.dtype(self.run["dtype"]).itemsize), self.run["dtype"])
+        _append(feats, vecs.reshape(n, dim))
+        _append(index, [r[0] for r in batch])
+        if offsets is not None:
+            _append(offsets, total_vectors + np.cumsum([r[1] for r in batch]))
+        return total_vectors + n
 
 
 class Sink:
@@ -174,26 +258,27 @@ class Sink:
     def __init__(self, outputs: list, run: dict):
         self.writers = [OutputWriter(spec, run) for spec in outputs]
         for w in self.writers:
-            w.drain()  # an output whose units are all empty is complete at once
+            w.drain()  # an output whose units are all done already is assembled at once
 
     def __call__(self, batch: dict) -> dict:
         touched = set()
         for i in range(len(batch["seq"])):
-            w = self.writers[int(batch["out"][i])]
-            touched.add(int(batch["out"][i]))
+            o = int(batch["out"][i])
+            w = self.writers[o]
+            touched.add(o)
             if batch["kind"][i] == MARKER:
                 w.end_unit(int(batch["unit"][i]), batch["pos"][i], str(batch["note"][i]))
             else:
-                w.add(int(batch["seq"][i]), str(batch["id"][i]), int(batch["kind"][i]), batch["feat"][i],
-                      int(batch["nvec"][i]), str(batch["note"][i]), batch["off"][i], int(batch["unit"][i]))
+                w.add(int(batch["unit"][i]), int(batch["pos"][i]), str(batch["id"][i]), int(batch["kind"][i]),
+                      batch["feat"][i], int(batch["nvec"][i]), str(batch["note"][i]), batch["off"][i])
         for o in touched:
             self.writers[o].drain()
         rows = [self.writers[o] for o in sorted(touched)]
         return {
             "out": np.array(sorted(touched), np.int32),
             "rows": np.array([w.rows for w in rows], np.int64),
-            "skipped": np.array([len(w.skipped) for w in rows], np.int64),
+            "skipped": np.array([w.skipped for w in rows], np.int64),
             "fraction": np.array([w.fraction() for w in rows], np.float64),
             "finished": np.array([w.finished for w in rows], bool),
-            "truncated": np.array([sum(1 for e in w.ends.values() if e != "eof") for w in rows], np.int64),
+            "truncated": np.array([w.truncated() for w in rows], np.int64),
         }

@@ -52,29 +52,35 @@ def test_reference_readme_command(ray_cluster, sample, tmp_path):
         assert f["features"].shape == (sample["n_queries"], 1024) and f["features"].dtype == np.float16
 
 
-def test_kill_leaves_no_finished_file_and_rerun_completes(ray_cluster, sample, tmp_path):
+def test_kill_leaves_no_finished_file_and_rerun_redoes_only_unfinished_shards(ray_cluster, sample, tmp_path,
+                                                                              capsys):
     opts = dict(partition="distractors", model=VIT, pretrained=False, resolution=160, multiscale=True,
-                multirotate=True, batch_size=4, webdl_batch_size=4)
+                multirotate=True, batch_size=4, webdl_batch_size=4, num_workers=1)
     run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path / "ref"), **opts))
     out = tmp_path / "killed"
     final = out / "features_distractors_00000.hdf5"
+    parts = out / (final.name + ".parts")
     args = [f"--{k}={v}" for k, v in opts.items()]
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
                                    "--address", address] + args,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    partial = out / (final.name + ".partial")
+    done = lambda: sorted(p.name for p in parts.glob("[0-9]*.json")) if parts.exists() else []  # noqa: E731
     deadline = time.time() + 240
-    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+    while not done() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # in the middle of writing
+    os.killpg(proc.pid, signal.SIGKILL)  # with one shard durable and others in flight
     proc.wait()
-    assert not final.exists(), os.listdir(out)  # nothing that looks finished
-    assert partial.exists(), os.listdir(out)
+    finished = done()
+    assert finished and len(finished) < 3 and not final.exists()  # nothing that looks finished
+    capsys.readouterr()
     s = run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **opts))
-    assert s["written"] == [final.name] and not partial.exists()
+    said = capsys.readouterr().out
+    assert f"resuming: {len(finished)} of 3 unit(s) already done" in said  # only the rest is read again
+    assert s["written"] == [final.name] and not parts.exists()
     with h5py.File(final) as a, h5py.File(tmp_path / "ref" / final.name) as b:
         assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
+        assert list(a["skipped_index"].asstr()[()]) == list(b["skipped_index"].asstr()[()])
         np.testing.assert_allclose(a["features"][()].astype(np.float32), b["features"][()].astype(np.float32),
                                    atol=1e-3)

@@ -1,19 +1,22 @@
-"""The sink on its own: reordering, bounded memory, atomic finish (no Ray needed)."""
+"""The sink on its own: reordering, bounded memory, durable units, atomic finish (no Ray needed)."""
 
 from __future__ import annotations
+
+import os
 
 import h5py
 import numpy as np
 
-from ilias_ray.plan import seq_id
+from ilias_ray.plan import finished_units, seq_id
 from ilias_ray.read import IMAGE, MARKER, SKIP
-from ilias_ray.sink import FLUSH_ROWS, Sink
+from ilias_ray.sink import Sink
 
 D = 8
+SETTINGS = {"x": 1}
 
 
 def spec(tmp_path, units):
-    return {"name": "f.hdf5", "path": str(tmp_path / "f.hdf5"), "settings": {"x": 1}, "units": units}
+    return {"name": "f.hdf5", "path": str(tmp_path / "f.hdf5"), "settings": SETTINGS, "units": units}
 
 
 RUN = {"dtype": "float16", "compression": 0, "local": False, "run_settings": {}}
@@ -37,24 +40,23 @@ def batch(rows):
 
 def test_reorders_streams_and_finishes_atomically(tmp_path):
     n0, n1 = 5000, 300
-    sink = Sink([spec(tmp_path, [(0, "a.tar", None, 0), (1, "b.tar", None, 0)])], RUN)
+    sink = Sink([spec(tmp_path, [(0, "a.tar", None, 0, None), (1, "b.tar", None, 0, None)])], RUN)
     w = sink.writers[0]
     rng = np.random.RandomState(0)
     rows = [(0, p, SKIP if p == 7 else IMAGE) for p in range(n0)] + [(1, p, IMAGE) for p in range(n1)]
     # Shuffle inside windows of 200 rows: out of order, as Ray delivers them.
     order = np.concatenate([rng.permutation(np.arange(s, min(s + 200, len(rows)))) for s in range(0, len(rows), 200)])
-    # Shard 1's marker arrives early, shard 0's late: the file must wait for both.
+    # Shard 1 is complete early, shard 0 late: shard 1 is written to its part, not held in memory.
     sink(batch([(1, n1, MARKER)]))
-    peak_buffer = 0
+    peak = 0
     for s in range(0, len(order), 100):
         sink(batch([rows[i] for i in order[s : s + 100]]))
-        peak_buffer = max(peak_buffer, len(w.buffer) + len(w.pending))
+        peak = max(peak, sum(len(u.buffer) for _, u in w.writers.values()))
         if s == 3000:
-            # Rows already streamed to the partial file; nothing looks finished yet.
-            assert (tmp_path / "f.hdf5.partial").exists() and w.f["features"].shape[0] == w.rows > 2000
+            assert w.writers[0][1].pos > 2000  # shard 0's rows already streamed to its part file
             assert not (tmp_path / "f.hdf5").exists()
-    assert peak_buffer < 200 + FLUSH_ROWS  # bounded by disorder and flush size, not by the chunk
-    assert not w.finished
+    assert peak <= 200  # bounded by how far rows arrive out of order, not by the chunk size
+    assert 1 in w.records and not w.finished  # shard 1 is durable; the file waits for shard 0
     out = sink(batch([(0, n0, MARKER)]))
     assert out["finished"].tolist() == [True]
     with h5py.File(tmp_path / "f.hdf5", "r") as f:
@@ -66,16 +68,35 @@ def test_reorders_streams_and_finishes_atomically(tmp_path):
                                                             np.float16))
         assert list(f["skipped_index"].asstr()[()]) == ["s0/7"]
         assert f.attrs["complete"] and f.attrs["num_rows"] == len(want)
-    assert not (tmp_path / "f.hdf5.partial").exists()
+    assert not (tmp_path / "f.hdf5.partial").exists() and not (tmp_path / "f.hdf5.parts").exists()
+
+
+def test_a_new_sink_resumes_from_finished_units(tmp_path):
+    units = [(0, "a.tar", None, 0, None), (1, "b.tar", None, 0, None), (2, "c.tar", None, 0, None)]
+    first = Sink([spec(tmp_path, units)], RUN)
+    first(batch([(0, p, IMAGE) for p in range(5)] + [(0, 5, MARKER)]))
+    first(batch([(2, p, IMAGE) for p in range(3)] + [(2, 3, MARKER)]))
+    first(batch([(1, 0, IMAGE)]))  # unit 1 is in flight when the run dies
+    del first
+    records = finished_units(str(tmp_path / "f.hdf5"), SETTINGS)
+    assert sorted(records) == [0, 2] and records[0]["rows"] == 5
+    assert finished_units(str(tmp_path / "f.hdf5"), {"x": 2}) == {}  # other settings: start over
+    resumed = [(u[0], u[1], u[2], u[3], records.get(k)) for k, u in enumerate(units)]
+    second = Sink([spec(tmp_path, resumed)], RUN)
+    second(batch([(1, p, IMAGE) for p in range(2)] + [(1, 2, MARKER)]))
+    with h5py.File(tmp_path / "f.hdf5", "r") as f:
+        assert list(f["index"].asstr()[()]) == [f"s0/{p}" for p in range(5)] + ["s1/0", "s1/1"] + [
+            f"s2/{p}" for p in range(3)]
 
 
 def test_duplicate_rows_are_dropped(tmp_path):
-    sink = Sink([spec(tmp_path, [(0, "a", 3, 0)])], RUN)
+    sink = Sink([spec(tmp_path, [(0, "a", 3, 0, None)])], RUN)
     sink(batch([(0, 0, IMAGE), (0, 1, IMAGE)]))
     sink(batch([(0, 1, IMAGE), (0, 0, IMAGE), (0, 2, IMAGE)]))
     with h5py.File(tmp_path / "f.hdf5", "r") as f:
         assert list(f["index"].asstr()[()]) == ["s0/0", "s0/1", "s0/2"]
         assert f.attrs["duplicates_dropped"] == 2
+    assert not os.path.exists(tmp_path / "f.hdf5.parts")
 
 
 def test_progress_lines(capsys):

@@ -1,0 +1,77 @@
+"""Whole-model runs, as the reference's cluster script does them, in one driver (one submission).
+
+For one model: image queries, positives, a range of distractor shards, and text queries when the
+model has a text tower. A sweep runs that for rows of the benchmark's model table.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from ilias_ray.cli import main as cli_main
+from ilias_ray.models.table import benchmark_rows
+from ilias_ray.models.text import TEXT_MODELS
+
+
+def has_text_tower(framework: str, model: str) -> bool:
+    for row in benchmark_rows():
+        if row["framework"] == framework and row["model"] == model:
+            return row["has_text"] == "true"
+    return model in TEXT_MODELS
+
+
+def model_commands(framework, model, core, yfcc, hdf5_dir, pooling="head", resolution=512, start_tar=0,
+                   total_tars=10, text="auto", extra=()) -> list:
+    """The `ilias-ray extract` argument lists of one model's run, in the reference's order."""
+    common = ["--hdf5_dir", hdf5_dir, *extra]
+    image = ["--framework", framework, "--model", model, "--pooling", pooling, "--resolution", str(resolution)]
+    cmds = [
+        ["extract", "--partition", "image_queries", "--dataset_dir", core, *image, *common],
+        ["extract", "--partition", "positives", "--dataset_dir", core, *image, *common],
+    ]
+    if yfcc:
+        cmds.append(["extract", "--partition", "distractors", "--dataset_dir", yfcc, *image, *common,
+                     "--start_tar", str(start_tar), "--total_tars", str(total_tars)])
+    if text == "true" or (text == "auto" and has_text_tower(framework, model)):
+        cmds.append(["extract", "--partition", "text_queries", "--dataset_dir", core, "--framework", "text",
+                     "--model", model, *common])
+    return cmds
+
+
+def run_commands(cmds: list) -> int:
+    """Run each extraction in this process (one Ray connection); the first failure stops the run."""
+    for argv in cmds:
+        print(f"\n== ilias-ray {' '.join(argv)}", flush=True)
+        rc = cli_main(argv)
+        if rc:
+            return rc
+    return 0
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
+
+
+def select_rows(pattern: str) -> list:
+    rx = re.compile(pattern)
+    return [r for r in benchmark_rows() if rx.search(r["label"]) or rx.search(r["model"])]
+
+
+def run_sweep(pattern, core, yfcc, hdf5_dir, start_tar=0, total_tars=10, extra=()) -> int:
+    """Every matching table row into `hdf5_dir/<label>/`; a failing row is reported, the sweep goes on."""
+    rows = select_rows(pattern)
+    if not rows:
+        print(f"ilias-ray: error: no row of the model table matches {pattern!r}", file=sys.stderr)
+        return 2
+    failed = []
+    for r in rows:
+        out = f"{hdf5_dir.rstrip('/')}/{slug(r['label'])}"
+        cmds = model_commands(r["framework"], r["model"], core, yfcc, out, r["pooling"], int(r["resolution"]),
+                              start_tar, total_tars, r["has_text"], extra)
+        print(f"\n#### {r['label']} ({r['framework']} {r['model']}) -> {out}", flush=True)
+        if run_commands(cmds):
+            failed.append(r["label"])
+    print(f"\nsweep: {len(rows) - len(failed)} of {len(rows)} model(s) done"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,146 @@
+"""Cluster use: `ray job submit` against a real head node, the launcher config, the job specs,
+and where the bytes go (read and decode in one task; only features reach the sink and driver)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+
+from conftest import VIT
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(config)
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0}  # driver and sink only
+    assert types["gpu_worker"]["min_workers"] == 0
+    assert types["gpu_worker"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert any("ilias-ray" in c and "pip install" in c for c in prepared["setup_commands"])
+    head = " ".join(prepared["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+    broken = dict(config, available_node_types={"head": {"node_config": {}, "resources": {}, "bogus": 1}})
+    with pytest.raises(Exception):
+        validate_config(broken)
+
+
+def test_rayjob_manifest():
+    job = yaml.safe_load((ROOT / "jobs" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert "jobs/extract_model.py" in spec["entrypoint"]
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert spec["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] == 0
+
+
+def test_job_commands_follow_the_reference_run():
+    from ilias_ray.jobs import model_commands, select_rows
+
+    cmds = model_commands("timm", "vit_large_patch16_siglip_384.webli", "/core", "/yfcc", "/out", total_tars=20)
+    assert [c[2] for c in cmds] == ["image_queries", "positives", "distractors", "text_queries"]
+    assert cmds[3][cmds[3].index("--framework") + 1] == "text"
+    assert [c[2] for c in model_commands("fb", "dinov2_vitl14", "/core", "/yfcc", "/out")] == [
+        "image_queries", "positives", "distractors"]
+    rows = select_rows("^DINOv2")
+    assert rows and all(r["framework"] == "fb" for r in rows)
+
+
+def test_bytes_stay_where_they_are_read(ray_cluster, sample, tmp_path, capsys, monkeypatch):
+    """Reading and decoding fuse into one task; the model stage emits no pixels; the driver sees
+    only the sink's progress rows."""
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import build_dataset, run
+    from ilias_ray.plan import make_plan
+
+    cfg = Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path), partition="distractors", model=VIT,
+                 pretrained=False, resolution=64).validate()
+    ds, _, _ = build_dataset(cfg, make_plan(cfg), ray_cluster)
+    batch = ds.take_batch(5, batch_format="numpy")
+    assert set(batch) == {"seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec"}
+    monkeypatch.setenv("ILIAS_RAY_STATS", "1")
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "ReadIlias->MapBatches(decode_batch)" in out  # one operator: no raw bytes between nodes
+    assert "MapBatches(Sink)" in out
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A real `ray start --head` (token auth off, dashboard on localhost), stopped after the test."""
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    # Every port explicit: the test session's own cluster already holds Ray's defaults.
+    ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *ports],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        p = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                           capture_output=True, text=True)
+        if p.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the head node's job server did not come up")
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    # `ray start` records itself for later `ray.init()` calls; drop the record of this dead head.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
+
+
+def test_ray_job_submit_runs_a_whole_model_job(head_node, sample, tmp_path):
+    address, env = head_node
+    out = tmp_path / "features"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           "python", "jobs/extract_model.py", "--model", VIT, "--resolution", "64", "--text", "false",
+           "--core", str(sample["core"]), "--yfcc", str(sample["yfcc"]), "--hdf5_dir", str(out),
+           "--total_tars", "3", "--pretrained", "false"]
+    for _ in range(20):  # the job server answers before its agent can take jobs
+        submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(3)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout.lower()
+    # Progress and the summary are plain lines in the job's log.
+    assert "[features_distractors_00000.hdf5]" in submit.stdout and "summary:" in submit.stdout
+    names = sorted(p.name for p in out.glob("*.hdf5"))
+    assert names == ["features_distractors_00000.hdf5", "features_image_queries.hdf5", "features_positives.hdf5"]
+    with h5py.File(out / "features_distractors_00000.hdf5") as f:
+        assert f["features"].shape[0] == len(sample["distractor_keys"]) - len(sample["corrupt_ids"])
