@@ -16,6 +16,10 @@ def _bool(value: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _auto_bool(value: str):
+    return None if str(value).lower() == "auto" else _bool(value)
+
+
 def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--dataset_dir", required=True, help="directory with the images, or with the tar shards")
@@ -51,7 +55,10 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
       help="allow torch.hub to run a model repository's code (never by default)")
     a("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     a("--model_actors", type=int, default=None,
-      help="max model actors (default: GPUs in the cluster, or CPUs/4 without GPUs)")
+      help="max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, "
+           "or CPUs/4 without GPUs)")
+    a("--use_gpu", type=_auto_bool, default=None,
+      help="auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them")
 
 
 def config_from_args(ns: argparse.Namespace) -> Config:

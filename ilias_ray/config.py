@@ -64,6 +64,7 @@ class Config:
     trust_remote_code: bool = False
     address: Optional[str] = None
     model_actors: Optional[int] = None
+    use_gpu: Optional[bool] = None  # None: GPU actors when the cluster has GPUs
     # Filled in by validate(): digests that identify what made an output.
     checkpoint_sha256: Optional[str] = field(default=None)
     selected_ids_sha256: Optional[str] = field(default=None)

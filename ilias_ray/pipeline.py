@@ -1,7 +1,7 @@
 """The job: plan -> read -> decode -> embed -> sink, as one streaming Ray Data dataset.
 
-The driver only plans and prints progress: image bytes go from read tasks to decode tasks,
-pixels to the model actors, and only features reach the sink actor.
+The driver only plans and prints progress: image bytes are decoded in the task that reads them,
+pixels go to the model actors, and only features reach the sink actor.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from dataclasses import asdict
 from ilias_ray import models
 from ilias_ray.config import Config
 from ilias_ray.plan import Plan, make_plan, prepare_output_dir
-
-log = logging.getLogger("ilias_ray")
-
 
 def say(msg: str) -> None:
     # Plain lines, flushed: they read the same in a terminal and in `ray job logs`.
@@ -54,11 +51,12 @@ def init_ray(cfg: Config):
 
 
 def model_pool_size(cfg: Config, ray) -> tuple:
-    """(max actors, per-actor resources): one GPU per actor when the cluster has GPUs."""
+    """(max actors, per-actor resources): one GPU per actor when the cluster has GPUs, or when
+    --use_gpu true asks for them before any GPU node is up (an autoscaler then adds them)."""
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
-    if gpus:
-        return cfg.model_actors or gpus, {"num_gpus": 1}
+    if cfg.use_gpu or (cfg.use_gpu is None and gpus):
+        return cfg.model_actors or max(gpus, 1), {"num_gpus": 1}
     cpus = int(res.get("CPU", 1))
     return cfg.model_actors or max(1, cpus // 4), {"num_cpus": 1}
 

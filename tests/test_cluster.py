@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -144,3 +143,22 @@ def test_ray_job_submit_runs_a_whole_model_job(head_node, sample, tmp_path):
     assert names == ["features_distractors_00000.hdf5", "features_image_queries.hdf5", "features_positives.hdf5"]
     with h5py.File(out / "features_distractors_00000.hdf5") as f:
         assert f["features"].shape[0] == len(sample["distractor_keys"]) - len(sample["corrupt_ids"])
+
+
+def test_pool_size_and_no_progress_timeout(ray_cluster):
+    from types import SimpleNamespace
+
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import init_ray, model_pool_size
+
+    cfg = Config(dataset_dir=".", hdf5_dir=".")
+    cpu_only = SimpleNamespace(cluster_resources=lambda: {"CPU": 16})
+    gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 64, "GPU": 8})
+    assert model_pool_size(cfg, cpu_only) == (4, {"num_cpus": 1})
+    assert model_pool_size(cfg, gpus) == (8, {"num_gpus": 1})
+    # An autoscaling cluster with no GPU node up yet: GPU actors on request, up to --model_actors.
+    assert model_pool_size(Config(dataset_dir=".", hdf5_dir=".", use_gpu=True, model_actors=32), cpu_only) == (
+        32, {"num_gpus": 1})
+    init_ray(cfg)
+    # Waiting minutes for autoscaled GPU nodes must not count as "no progress" (default: 30 min).
+    assert ray_cluster.data.DataContext.get_current().execution_no_progress_timeout_s >= 6 * 3600

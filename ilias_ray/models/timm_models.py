@@ -8,7 +8,6 @@ import re
 import timm
 import torch
 
-from ilias_ray.config import UserError
 from ilias_ray.models import (ALL_POOLINGS, CNN_POOLINGS, Backbone, ModelSpec, Weights, hf_cached, hf_hint,
                               load_into, load_state_dict, strip_prefixes, unknown_model, url_cached, url_hint)
 
