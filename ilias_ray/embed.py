@@ -7,6 +7,7 @@ SKIP and MARKER rows pass through untouched.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -55,6 +56,9 @@ class Embedder:
         # The reference computes in fp32 on a CPU; autocast only applies on CUDA.
         self.autocast = self.device.type == "cuda" and cfg["comp_fp16"]
         self.out_dtype = np.float16 if cfg["store_fp16"] else np.float32
+        self.fits = {}  # (h, w) -> the batch size that fit after an out-of-memory error
+        # Tests inject out-of-memory errors above this many images per forward pass.
+        self.fake_oom_above = int(os.environ.get("ILIAS_RAY_FAKE_OOM_ABOVE", "0"))
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
@@ -71,6 +75,8 @@ class Embedder:
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor, mask=None) -> torch.Tensor:
         """(b, H, W, 3) uint8 -> (b, D) (or (b, n, D) for local) L2-normalised float32."""
+        if self.fake_oom_above and len(pixels) > self.fake_oom_above:
+            raise torch.OutOfMemoryError(f"injected: {len(pixels)} > {self.fake_oom_above} images")
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         x = (x - self.mean) / self.std
         x = center_pad(x, self.pad, self.pad)
@@ -115,8 +121,10 @@ class Embedder:
         for i in np.nonzero(kinds == IMAGE)[0]:
             groups[(int(batch["h"][i]), int(batch["w"][i]), len(batch["mask"][i]) > 0)].append(i)
         for (h, w, has_mask), rows in groups.items():
-            for a in range(0, len(rows), bs):
-                sub = rows[a : a + bs]
+            a = 0
+            while a < len(rows):
+                size = self.fits.get((h, w), bs)
+                sub = rows[a : a + size]
                 pixels = np.stack([np.frombuffer(batch["img"][i], np.uint8).reshape(h, w, 3) for i in sub])
                 mask = None
                 if has_mask:
@@ -124,7 +132,18 @@ class Embedder:
                     mask = torch.from_numpy(
                         np.stack([np.frombuffer(batch["mask"][i], np.uint8).reshape(th, tw) for i in sub])
                     )
-                store(sub, self.embed_pixels(torch.from_numpy(pixels), mask))
+                try:
+                    f = self.embed_pixels(torch.from_numpy(pixels), mask)
+                except torch.OutOfMemoryError:
+                    if len(sub) == 1:
+                        raise  # one image does not fit: nothing smaller to try
+                    # Halve this shape's batch and retry; remember what fits for the next batches.
+                    self.fits[(h, w)] = max(1, len(sub) // 2)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                store(sub, f)
+                a += len(sub)
 
         out = {k: batch[k] for k in PASS_COLUMNS}
         out["feat"] = np.array(feats, dtype=object)

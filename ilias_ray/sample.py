@@ -328,3 +328,25 @@ if __name__ == "__main__":  # pragma: no cover
     out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "sample_data")
     info = build_sample(out)
     print(json.dumps({k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in info.items()}, indent=1))
+
+
+def build_yfcc_like(root, n_images: int = 2000, per_shard: int = 500, seed: int = 0) -> list:
+    """Clean YFCC-like shards for benchmarks: real-photo crops at Flickr sizes (500x375, 375x500,
+    ...), JPEG quality 75-95, `{key}.jpg` + `{key}.json` per sample. Returns the shard paths."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    photos = {name: _photo(name) for name in _PHOTOS}
+    paths = []
+    for s in range(-(-n_images // per_shard)):
+        path = root / f"{s:05d}.tar"
+        with tarfile.open(path, "w", format=_TAR_FORMAT) as tar:
+            for j in range(min(per_shard, n_images - s * per_shard)):
+                key = f"{s * 1000000 + j:d}"
+                photo = photos[_PHOTOS[int(rng.randint(len(_PHOTOS)))]]
+                size = _FLICKR_SIZES[int(rng.randint(2))]  # the common 500x375 / 375x500
+                data = _jpeg_bytes(_crop_resize(rng, photo, size), int(rng.randint(75, 96)))
+                _add_member(tar, f"{key}.jpg", data)
+                _add_member(tar, f"{key}.json", json.dumps({"key": key}).encode("utf-8"))
+        paths.append(path)
+    return paths

@@ -174,7 +174,7 @@ def test_remote_code_only_behind_the_flag(tmp_path, monkeypatch):
     framework("fb").build(dict(cfg("fb", "swav", trust_remote_code=True), pretrained=True))
     assert calls == [("facebookresearch/swav:main", "resnet50", True)]
     # Nothing else in the package calls torch.hub.load or unpickles without weights_only=True.
-    src = subprocess.run(["grep", "-rn", r"torch.hub.load(\|torch.load(", "ilias_ray"], capture_output=True,
+    src = subprocess.run(["grep", "-rn", r"torch\.hub\.load(\|torch\.load(", "ilias_ray"], capture_output=True,
                          text=True).stdout.splitlines()
     assert all("fb.py" in ln and "trust_repo=cfg" in ln or "weights_only=True" in ln for ln in src), src
 
@@ -297,3 +297,25 @@ def test_weights_load_once_per_actor(monkeypatch):
     for _ in range(3):
         out = emb(batch)
     assert calls == [1] and len(out["feat"][0]) == 512 * 2  # fp16
+
+
+def test_out_of_memory_halves_the_batch_and_remembers(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("ILIAS_RAY_FAKE_OOM_ABOVE", "3")  # any forward pass of more than 3 images "runs out"
+    emb = Embedder(cfg("timm", "resnet18", batch_size=16))
+    ref = Embedder(cfg("timm", "resnet18", batch_size=16))
+    ref.fake_oom_above = 0
+    imgs = torch.randint(0, 256, (10, 20, 30, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batch = {"seq": np.arange(10), "out": np.zeros(10, np.int32), "unit": np.zeros(10, np.int32),
+             "pos": np.arange(10), "id": np.array([str(i) for i in range(10)], dtype=object),
+             "kind": np.full(10, 5, np.int8), "note": np.array([""] * 10, dtype=object), "off": np.zeros(10),
+             "h": np.full(10, 20), "w": np.full(10, 30), "img": np.array([im.numpy().tobytes() for im in imgs],
+                                                                        dtype=object),
+             "mask": np.array([b""] * 10, dtype=object), "data": np.array([b""] * 10, dtype=object)}
+    got = emb(batch)
+    assert emb.fits == {(20, 30): 2}  # 16 -> 8 -> 4 -> 2, remembered for this shape
+    assert list(got["feat"]) == list(ref(batch)["feat"])  # every row, same features
+    emb.fake_oom_above = 0
+    emb(batch)
+    assert emb.fits == {(20, 30): 2}  # later batches of this shape start at the size that fit
