@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -118,9 +117,6 @@ class Config:
             "checkpoint_sha256", "pretrained", "selected_ids_sha256",
         ]
         return {k: getattr(self, k) for k in keys}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def settings_json(settings: dict) -> str:

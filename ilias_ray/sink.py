@@ -23,7 +23,6 @@ from ilias_ray.config import settings_json
 from ilias_ray.plan import fingerprint
 from ilias_ray.read import MARKER, SKIP
 
-FLUSH_ROWS = 1024
 COPY_ROWS = 8192  # rows per block when assembling the HDF5 file
 ASCII = h5py.string_dtype("ascii")
 UTF8 = h5py.string_dtype("utf-8")
