@@ -56,7 +56,7 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     a("--model_actors", type=int, default=None,
       help="max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, "
-           "or CPUs/4 without GPUs)")
+           "or one single-threaded actor per CPU without GPUs)")
     a("--use_gpu", type=_auto_bool, default=None,
       help="auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them")
 

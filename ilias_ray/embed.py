@@ -22,6 +22,7 @@ from ilias_ray.models.pooling import pool
 from ilias_ray.preprocess import pad_target
 from ilias_ray.read import IMAGE, TEXT
 
+CPU_CHUNK_PIXELS = 1 << 19  # two 512x384 images
 PASS_COLUMNS = ("seq", "out", "unit", "pos", "id", "kind", "note", "off")
 
 
@@ -43,13 +44,22 @@ def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
 class Embedder:
     """Ray Data callable class: one instance per actor, the model loaded once."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, threads: int = 0):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bb = build(cfg)
         self.bb.model.to(self.device)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        # Channels-last: CNNs on a GPU (fp16 tensor cores want NHWC); a ViT has one conv, its stem.
+        # On this project's CPU it did not pay once images go in small chunks (bench --variants).
+        cnn = sum(isinstance(m, torch.nn.Conv2d) for m in self.bb.model.modules()) > 1
+        self.set_channels_last(cnn and self.device.type == "cuda")
         self.mean = torch.tensor(self.bb.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.bb.std, device=self.device).view(1, 3, 1, 1)
+        self.scale = 1 / (255 * self.std)
+        self.shift = -self.mean / self.std
+        self.chunk_pixels = CPU_CHUNK_PIXELS
         self.pad = pad_target(cfg["transforms"], cfg["resolution"], cfg["min_size"])
         self.scales = SCALES if cfg["multiscale"] else (1.0,)
         self.angles = ANGLES if cfg["multirotate"] else (0,)
@@ -60,11 +70,17 @@ class Embedder:
         # Tests inject out-of-memory errors above this many images per forward pass.
         self.fake_oom_above = int(os.environ.get("ILIAS_RAY_FAKE_OOM_ABOVE", "0"))
 
+    def set_channels_last(self, on: bool) -> None:
+        self.channels_last = on
+        self.bb.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, self.bb.patch)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             if self.cfg["pooling"] == "head":
                 f = self.bb.head(x)
@@ -72,13 +88,25 @@ class Embedder:
                 f = pool(self.cfg["pooling"], self.bb.features(x), self.bb.token_pool)
         return F.normalize(f.float(), dim=-1)
 
+    def chunk(self, hw) -> int:
+        """Images per forward pass. On a CPU, small chunks keep activations in cache: at 512 px
+        2 images per pass ran about 1.5x faster than 32 (bench/bench.py --variants); a GPU takes the
+        whole batch."""
+        if self.device.type != "cpu":
+            return 1 << 30
+        return max(1, self.chunk_pixels // (hw[0] * hw[1]))
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor, mask=None) -> torch.Tensor:
         """(b, H, W, 3) uint8 -> (b, D) (or (b, n, D) for local) L2-normalised float32."""
         if self.fake_oom_above and len(pixels) > self.fake_oom_above:
             raise torch.OutOfMemoryError(f"injected: {len(pixels)} > {self.fake_oom_above} images")
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = (x - self.mean) / self.std
+        m = self.chunk(pixels.shape[1:3])
+        if len(pixels) > m:
+            return torch.cat([self.embed_pixels(pixels[i : i + m], None if mask is None else mask[i : i + m])
+                              for i in range(0, len(pixels), m)])
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.mul_(self.scale).add_(self.shift)  # == (x / 255 - mean) / std, one pass
         x = center_pad(x, self.pad, self.pad)
         if mask is not None:
             x = x * mask.to(self.device)[:, None].float()
@@ -119,19 +147,16 @@ class Embedder:
 
         groups = defaultdict(list)
         for i in np.nonzero(kinds == IMAGE)[0]:
-            groups[(int(batch["h"][i]), int(batch["w"][i]), len(batch["mask"][i]) > 0)].append(i)
+            groups[(int(batch["h"][i]), int(batch["w"][i]), batch["mask"][i].size > 0)].append(i)
         for (h, w, has_mask), rows in groups.items():
             a = 0
             while a < len(rows):
                 size = self.fits.get((h, w), bs)
                 sub = rows[a : a + size]
-                pixels = np.stack([np.frombuffer(batch["img"][i], np.uint8).reshape(h, w, 3) for i in sub])
+                pixels = np.stack([batch["img"][i] for i in sub])
                 mask = None
                 if has_mask:
-                    th, tw = max(h, self.pad), max(w, self.pad)
-                    mask = torch.from_numpy(
-                        np.stack([np.frombuffer(batch["mask"][i], np.uint8).reshape(th, tw) for i in sub])
-                    )
+                    mask = torch.from_numpy(np.stack([batch["mask"][i] for i in sub]))
                 try:
                     f = self.embed_pixels(torch.from_numpy(pixels), mask)
                 except torch.OutOfMemoryError:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from ilias_ray import models
 from ilias_ray.config import Config
@@ -50,15 +50,33 @@ def init_ray(cfg: Config):
     return ray
 
 
-def model_pool_size(cfg: Config, ray) -> tuple:
-    """(max actors, per-actor resources): one GPU per actor when the cluster has GPUs, or when
-    --use_gpu true asks for them before any GPU node is up (an autoscaler then adds them)."""
+@dataclass
+class Pool:
+    """How the model stage runs: actors, what each asks Ray for, and what a decode task asks."""
+
+    gpu: bool
+    max_actors: int
+    min_actors: int
+    actor_res: dict
+    decode_cpus: float
+    threads: int  # torch threads per CPU actor (0: torch's default)
+
+
+def model_pool(cfg: Config, ray) -> Pool:
+    """One GPU per actor when the cluster has GPUs, or when --use_gpu true asks for them before any
+    GPU node is up (an autoscaler then adds them). The pool starts with what exists now and grows.
+
+    Without GPUs the model shares the cores with decoding: one single-threaded actor per CPU, each
+    actor and each decode task booked at half a CPU so that the OS interleaves them. One torch
+    thread per process does more work per core than one multi-threaded model (bench/bench.py)."""
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     if cfg.use_gpu or (cfg.use_gpu is None and gpus):
-        return cfg.model_actors or max(gpus, 1), {"num_gpus": 1}
+        n = cfg.model_actors or max(gpus, 1)
+        return Pool(True, n, max(1, min(n, gpus)), {"num_gpus": 1}, 1.0, 0)
     cpus = int(res.get("CPU", 1))
-    return cfg.model_actors or max(1, cpus // 4), {"num_cpus": 1}
+    n = cfg.model_actors or cpus
+    return Pool(False, n, max(1, min(n, cpus)), {"num_cpus": 0.5}, 0.5, 1)
 
 
 def output_specs(plan: Plan) -> list:
@@ -84,6 +102,8 @@ class Progress:
         self.every = every
         self.t0 = time.time()
         self.last = {}
+        self.timeline = []  # (seconds since start, rows + skipped so far): bench/ reads steady rates
+
 
     def update(self, batch: dict) -> None:
         now = time.time()
@@ -98,6 +118,7 @@ class Progress:
                 self.line(o, now, done=True)
             elif not st["finished"] and now - self.last.get(o, self.t0) >= self.every:
                 self.line(o, now)
+        self.timeline.append((now - self.t0, sum(s["rows"] + s["skipped"] for s in self.state.values())))
 
     def line(self, o: int, now: float, done: bool = False) -> None:
         st = self.state[o]
@@ -159,16 +180,18 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     from ilias_ray.read import IliasDatasource
 
     c = asdict(cfg)
-    n_actors, actor_res = model_pool_size(cfg, ray)
+    pool = model_pool(cfg, ray)
     source = IliasDatasource(plan.units, plan.selected_keys)
     decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))
-    ds = ray.data.read_datasource(source, num_cpus=1, compute=decoders, override_num_blocks=source.num_tasks())
+    ds = ray.data.read_datasource(source, num_cpus=pool.decode_cpus, compute=decoders,
+                                  override_num_blocks=source.num_tasks())
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": c}, batch_size=None, batch_format="numpy",
-                        compute=decoders, num_cpus=1)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c}, batch_size=cfg.webdl_batch_size,
-                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_actors),
-                        **actor_res)
-    return ds, n_actors, actor_res
+                        compute=decoders, num_cpus=pool.decode_cpus)
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c, "threads": pool.threads},
+                        batch_size=cfg.webdl_batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+                        **pool.actor_res)
+    return ds, pool
 
 
 def execute(cfg: Config, plan: Plan) -> dict:
@@ -185,9 +208,9 @@ def execute(cfg: Config, plan: Plan) -> dict:
         "run_settings": {k: c[k] for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size",
                                            "start_tar", "total_tars", "tar_batch_size")},
     }
-    ds, n_actors, actor_res = build_dataset(cfg, plan, ray)
+    ds, pool = build_dataset(cfg, plan, ray)
     say(f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
-        f"({n_actors} model actor(s), {'GPU' if 'num_gpus' in actor_res else 'CPU'})")
+        f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})")
     # The sink lives on the driver's node, which owns --hdf5_dir.
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": output_specs(plan), "run": run_info},
@@ -203,4 +226,4 @@ def execute(cfg: Config, plan: Plan) -> dict:
     if missing:
         raise RuntimeError(f"the job ended but these outputs are incomplete: {', '.join(missing)}")
     return {"written": tot["finished"], "rows": tot["rows"], "skipped": tot["skipped"],
-            "truncated_shards": tot["truncated_shards"]}
+            "truncated_shards": tot["truncated_shards"], "timeline": progress.timeline}

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import h5py
-
 from ilias_ray.config import Config, UserError, settings_json
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "JPG", "JPEG", "PNG"}
@@ -167,6 +165,8 @@ def output_status(path: str, settings: dict) -> str:
     """'missing', 'same' or a one-line description of how an existing output differs."""
     if not os.path.exists(path):
         return "missing"
+    import h5py  # here: read tasks import this module and never need h5py
+
     try:
         with h5py.File(path, "r") as f:
             recorded = f.attrs.get("ilias_ray_settings")

@@ -76,7 +76,7 @@ def test_bytes_stay_where_they_are_read(ray_cluster, sample, tmp_path, capsys, m
 
     cfg = Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path), partition="distractors", model=VIT,
                  pretrained=False, resolution=64).validate()
-    ds, _, _ = build_dataset(cfg, make_plan(cfg), ray_cluster)
+    ds, _ = build_dataset(cfg, make_plan(cfg), ray_cluster)
     batch = ds.take_batch(5, batch_format="numpy")
     assert set(batch) == {"seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec"}
     monkeypatch.setenv("ILIAS_RAY_STATS", "1")
@@ -149,16 +149,19 @@ def test_pool_size_and_no_progress_timeout(ray_cluster):
     from types import SimpleNamespace
 
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import init_ray, model_pool_size
+    from ilias_ray.pipeline import Pool, init_ray, model_pool
 
     cfg = Config(dataset_dir=".", hdf5_dir=".")
     cpu_only = SimpleNamespace(cluster_resources=lambda: {"CPU": 16})
     gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 64, "GPU": 8})
-    assert model_pool_size(cfg, cpu_only) == (4, {"num_cpus": 1})
-    assert model_pool_size(cfg, gpus) == (8, {"num_gpus": 1})
-    # An autoscaling cluster with no GPU node up yet: GPU actors on request, up to --model_actors.
-    assert model_pool_size(Config(dataset_dir=".", hdf5_dir=".", use_gpu=True, model_actors=32), cpu_only) == (
-        32, {"num_gpus": 1})
+    # No GPU: one single-threaded actor per CPU, actors and decode tasks at half a CPU each.
+    assert model_pool(cfg, cpu_only) == Pool(False, 16, 16, {"num_cpus": 0.5}, 0.5, 1)
+    assert model_pool(Config(dataset_dir=".", hdf5_dir=".", model_actors=4), cpu_only).max_actors == 4
+    assert model_pool(cfg, gpus) == Pool(True, 8, 8, {"num_gpus": 1}, 1.0, 0)
+    # An autoscaling cluster with no GPU node up yet: GPU actors on request, up to --model_actors,
+    # starting from one and growing as GPU nodes join.
+    assert model_pool(Config(dataset_dir=".", hdf5_dir=".", use_gpu=True, model_actors=32), cpu_only) == Pool(
+        True, 32, 1, {"num_gpus": 1}, 1.0, 0)
     init_ray(cfg)
     # Waiting minutes for autoscaled GPU nodes must not count as "no progress" (default: 30 min).
     assert ray_cluster.data.DataContext.get_current().execution_no_progress_timeout_s >= 6 * 3600

@@ -14,6 +14,7 @@ import numpy as np
 
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
+from ilias_ray.sample import build_yfcc_like
 
 SCRIPT = Path(__file__).parent / "scripts" / "elastic.py"
 
@@ -23,10 +24,13 @@ def read(path):
         return list(f["index"].asstr()[()]), f["features"][()].astype(np.float32), list(f["skipped_index"].asstr()[()])
 
 
-def test_pool_grows_with_nodes_and_survives_losing_one(ray_cluster, sample, tmp_path):
+def test_pool_grows_with_nodes_and_survives_losing_one(ray_cluster, tmp_path):
+    # Many small shards: blocks are still waiting for the model stage when the new node joins.
+    yfcc = tmp_path / "yfcc"
+    build_yfcc_like(yfcc, 60, per_shard=5)
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, str(SCRIPT), str(sample["yfcc"]), str(tmp_path)], env=env,
+    p = subprocess.run([sys.executable, str(SCRIPT), str(yfcc), str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=900)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("REPORT ")]
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
@@ -35,11 +39,11 @@ def test_pool_grows_with_nodes_and_survives_losing_one(ray_cluster, sample, tmp_
     assert report["removed_while_running"] and report["finished"]
 
     # Both runs equal a single-node run: every row exactly once, same features.
-    opts = dict(dataset_dir=str(sample["yfcc"]), partition="distractors", model="vit_small_patch16_224",
-                pretrained=False, resolution=224, multiscale=True, multirotate=True)
+    opts = dict(dataset_dir=str(yfcc), partition="distractors", model="vit_small_patch16_224",
+                pretrained=False, resolution=224, multiscale=True, multirotate=True, tar_batch_size=100)
     run(Config(hdf5_dir=str(tmp_path / "single"), **opts))
     want_ids, want, want_skipped = read(tmp_path / "single" / "features_distractors_00000.hdf5")
-    assert len(want_ids) == len(set(want_ids)) == len(sample["distractor_keys"]) - len(sample["corrupt_ids"])
+    assert len(want_ids) == len(set(want_ids)) == 60 and want_skipped == []
     for name in ("grow", "lose"):
         ids, feats, skipped = read(tmp_path / name / "features_distractors_00000.hdf5")
         assert ids == want_ids and skipped == want_skipped, name

@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 
 from ilias_ray import embed, plan, preprocess
 from ilias_ray.config import Config
+from ilias_ray.preprocess import object_column as objects
 from ilias_ray.models import timm_models
 
 VIT = "vit_tiny_patch16_224"
@@ -668,16 +669,16 @@ def test_embedder_call_groups_shapes_and_masks():
     exp = []
     for i, (shape, has_mask) in enumerate(zip(shapes, masks)):
         if shape is None:
-            rows["img"].append(b""), rows["h"].append(0), rows["w"].append(0)
-            rows["mask"].append(b""), rows["kind"].append(SKIP)
+            rows["img"].append(np.zeros((0, 0, 3), np.uint8)), rows["h"].append(0), rows["w"].append(0)
+            rows["mask"].append(np.zeros((0, 0), np.uint8)), rows["kind"].append(SKIP)
             exp.append(None)
             continue
         h, w = shape
         px = rng_pixels(80 + i, 1, h, w, 3)
         th, tw = max(h, 40), max(w, 40)
         m = (rng_pixels(90 + i, 1, th, tw) % 2) if has_mask else None
-        rows["img"].append(px[0].tobytes()), rows["h"].append(h), rows["w"].append(w)
-        rows["mask"].append(m[0].tobytes() if has_mask else b""), rows["kind"].append(IMAGE)
+        rows["img"].append(px[0]), rows["h"].append(h), rows["w"].append(w)
+        rows["mask"].append(m[0] if has_mask else np.zeros((0, 0), np.uint8)), rows["kind"].append(IMAGE)
         exp.append(ref_embed(model, px, IMAGENET_MEAN, IMAGENET_STD, pad=40, mask=m, pooling="gem")[0])
     n = len(shapes)
     batch = {
@@ -685,8 +686,8 @@ def test_embedder_call_groups_shapes_and_masks():
         "pos": np.arange(n, dtype=np.int64), "id": np.array([str(i) for i in range(n)], dtype=object),
         "kind": np.array(rows["kind"], dtype=np.int8), "note": np.array([""] * n, dtype=object),
         "off": np.zeros(n, np.int64), "data": np.array([b""] * n, dtype=object),
-        "img": np.array(rows["img"], dtype=object), "h": np.array(rows["h"], np.int32),
-        "w": np.array(rows["w"], np.int32), "mask": np.array(rows["mask"], dtype=object),
+        "img": objects(rows["img"]), "h": np.array(rows["h"], np.int32),
+        "w": np.array(rows["w"], np.int32), "mask": objects(rows["mask"]),
     }
     out = emb(batch)
     for i in range(n):

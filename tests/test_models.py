@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ilias_ray.config import Config, UserError
 from ilias_ray.embed import Embedder
+from ilias_ray.preprocess import object_column as objects
 from ilias_ray.models import IMAGENET_MEAN, IMAGENET_STD, check, framework
 from ilias_ray.models.table import benchmark_rows
 
@@ -288,11 +289,11 @@ def test_weights_load_once_per_actor(monkeypatch):
     real = embed_mod.build
     monkeypatch.setattr(embed_mod, "build", lambda c: calls.append(1) or real(c))
     emb = Embedder(cfg("timm", "resnet18"))
-    img = np.zeros((20, 30, 3), np.uint8).tobytes()
+    img = np.zeros((20, 30, 3), np.uint8)
     batch = {"seq": np.arange(3), "out": np.zeros(3, np.int32), "unit": np.zeros(3, np.int32), "pos": np.arange(3),
              "id": np.array(["a", "b", "c"], dtype=object), "kind": np.full(3, 5, np.int8),
              "note": np.array([""] * 3, dtype=object), "off": np.zeros(3), "h": np.full(3, 20), "w": np.full(3, 30),
-             "img": np.array([img] * 3, dtype=object), "mask": np.array([b""] * 3, dtype=object),
+             "img": objects([img] * 3), "mask": objects([np.zeros((0, 0), np.uint8)] * 3),
              "data": np.array([b""] * 3, dtype=object)}
     for _ in range(3):
         out = emb(batch)
@@ -310,9 +311,8 @@ def test_out_of_memory_halves_the_batch_and_remembers(monkeypatch):
     batch = {"seq": np.arange(10), "out": np.zeros(10, np.int32), "unit": np.zeros(10, np.int32),
              "pos": np.arange(10), "id": np.array([str(i) for i in range(10)], dtype=object),
              "kind": np.full(10, 5, np.int8), "note": np.array([""] * 10, dtype=object), "off": np.zeros(10),
-             "h": np.full(10, 20), "w": np.full(10, 30), "img": np.array([im.numpy().tobytes() for im in imgs],
-                                                                        dtype=object),
-             "mask": np.array([b""] * 10, dtype=object), "data": np.array([b""] * 10, dtype=object)}
+             "h": np.full(10, 20), "w": np.full(10, 30), "img": objects([im.numpy() for im in imgs]),
+             "mask": objects([np.zeros((0, 0), np.uint8)] * 10), "data": np.array([b""] * 10, dtype=object)}
     got = emb(batch)
     assert emb.fits == {(20, 30): 2}  # 16 -> 8 -> 4 -> 2, remembered for this shape
     assert list(got["feat"]) == list(ref(batch)["feat"])  # every row, same features

@@ -1,5 +1,6 @@
 """Run by tests/test_elastic.py in its own process: a multi-node cluster on one machine
-(`ray.cluster_utils.Cluster`), a node added mid-run, then a node removed mid-run."""
+(`ray.cluster_utils.Cluster`), a node added mid-run, then a node removed mid-run. Nodes carry fake
+GPUs, as when an autoscaler adds GPU nodes: Ray places one model actor per GPU, torch runs on CPU."""
 
 import json
 import sys
@@ -20,11 +21,11 @@ def model_actors() -> int:
 
 
 def main(yfcc: str, out: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": True})
     ray.init(address=cluster.address)
     opts = dict(dataset_dir=yfcc, partition="distractors", model="vit_small_patch16_224", pretrained=False,
                 resolution=224, multiscale=True, multirotate=True, batch_size=2, webdl_batch_size=2,
-                num_workers=2, model_actors=3)
+                num_workers=2, model_actors=3, use_gpu=True, tar_batch_size=100)  # fake GPUs: torch uses the CPU
     report = {}
 
     # 1. A node joins mid-run: the model pool grows onto it.
@@ -34,7 +35,7 @@ def main(yfcc: str, out: str) -> None:
     while model_actors() < 1 and time.time() < deadline:
         time.sleep(0.5)
     report["actors_before"] = model_actors()
-    node = cluster.add_node(num_cpus=2)
+    node = cluster.add_node(num_cpus=2, num_gpus=1)
     peak = report["actors_before"]
     while job.is_alive():
         peak = max(peak, model_actors())
