@@ -1,9 +1,11 @@
-"""`ilias-ray extract` (the reference tool's flags, same names and defaults) and `ilias-ray demo`."""
+"""`ilias-ray extract` (the reference tool's flags, same names and defaults), `models`, `verify`
+and `demo`."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from ilias_ray.config import PARTITIONS, POOLINGS, TRANSFORMS, Config, UserError, bool_flag
@@ -47,6 +49,8 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--num_workers", type=int, default=8, help="concurrent decode tasks")
     a("--store_fp16", type=_bool, default=True)
     a("--selected_ids", default=None, help="file with one ID per line (mini-ILIAS, uned)")
+    a("--skip_missing", type=_bool, default=False,
+      help="selected IDs that are not in the dataset are reported and skipped instead of failing the run")
     # ilias-ray additions
     a("--checkpoint", default=None, help="local weights file in the format the model's hub ships")
     a("--pretrained", type=_bool, default=True,
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the benchmark's model table, or one model's details")
     models.add_argument("--framework", default=None)
     models.add_argument("--model", default=None)
+    verify = sub.add_parser("verify", help="check every HDF5 file in a directory; non-zero exit on any problem")
+    verify.add_argument("--hdf5_dir", required=True)
     demo = sub.add_parser("demo", help="build a small ILIAS-shaped sample and extract every partition")
     demo.add_argument("--workdir", default="demo_output", help="where the sample and features go")
     demo.add_argument("--address", default=None)
@@ -88,13 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error(e: BaseException):
     """The UserError behind `e`, also when Ray wrapped it (raised inside an actor or task)."""
-    seen = set()
+    seen, first = set(), e
     while e is not None and id(e) not in seen:
         if isinstance(e, UserError):
             return e
         seen.add(id(e))
         e = getattr(e, "cause", None) or e.__cause__
-    return None
+    # Ray Data may pass on only the text of an error raised in an actor: find ours in it.
+    found = re.findall(r"ilias_ray\.config\.UserError: (.+)", str(first))
+    return UserError(found[-1].strip()) if found else None
 
 
 def main(argv=None) -> int:
@@ -112,13 +120,17 @@ def main(argv=None) -> int:
                 describe(args.framework or "timm", args.model)
             else:
                 print_table()
+        elif args.command == "verify":
+            from ilias_ray.verify import verify
+
+            return verify(args.hdf5_dir)
         elif args.command == "demo":
             from ilias_ray.demo import run_demo
 
             run_demo(args.workdir, address=args.address)
         return 0
     except KeyboardInterrupt:
-        print("ilias-ray: interrupted; finished files are kept, partial ones are redone on the next run",
+        print("ilias-ray: interrupted: finished files and shards are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
     except Exception as e:

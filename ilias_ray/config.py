@@ -58,6 +58,7 @@ class Config:
     num_workers: int = 8
     selected_ids: Optional[str] = None
     # ilias-ray additions
+    skip_missing: bool = False  # listed files that do not exist become recorded skips
     checkpoint: Optional[str] = None
     pretrained: bool = True
     trust_remote_code: bool = False

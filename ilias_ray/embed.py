@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from ilias_ray.config import ANGLES, SCALES
+from ilias_ray import faults
+from ilias_ray.config import ANGLES, SCALES, UserError
 from ilias_ray.models import build
 from ilias_ray.models.pooling import pool
 from ilias_ray.preprocess import pad_target
@@ -128,6 +129,21 @@ class Embedder:
         return F.normalize(f.float(), dim=-1)
 
     def __call__(self, batch: dict) -> dict:
+        # A failed batch is retried once here (a flaky library or device hiccup); a second failure
+        # fails the job with its error. A crashed actor is restarted by Ray and its batch resent;
+        # either way the sink keeps exactly one copy of each row.
+        try:
+            faults.hit("embed")
+            return self.embed_batch(batch)
+        except (torch.OutOfMemoryError, UserError):
+            raise
+        except Exception as e:
+            print(f"ilias-ray: model batch failed ({type(e).__name__}: {e}); retrying it once", flush=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self.embed_batch(batch)
+
+    def embed_batch(self, batch: dict) -> dict:
         n = len(batch["seq"])
         feats = [b""] * n
         nvec = np.zeros(n, np.int32)

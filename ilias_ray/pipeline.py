@@ -13,6 +13,8 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from ilias_ray import models
 from ilias_ray.config import Config
 from ilias_ray.plan import Plan, make_plan, prepare_output_dir
@@ -35,12 +37,16 @@ def init_ray(cfg: Config):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+        # ILIAS_RAY_* settings (debugging, test fault injection) reach this job's workers on any cluster.
+        ours = {k: v for k, v in os.environ.items() if k.startswith("ILIAS_RAY_")}
+        if ours:
+            kwargs["runtime_env"] = {"env_vars": ours}
         if address:
             ray.init(address=address, **kwargs)
         else:
             # "local": a new single-node cluster, not whatever `ray start` last left on this machine.
             ray.init(address="local", include_dashboard=False, **kwargs)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices are not for our users
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own per-file lines are readable in job logs
@@ -111,7 +117,7 @@ class Progress:
             o = int(o)
             st = dict(rows=int(batch["rows"][i]), skipped=int(batch["skipped"][i]),
                       fraction=float(batch["fraction"][i]), finished=bool(batch["finished"][i]),
-                      truncated=int(batch["truncated"][i]))
+                      truncated=int(batch["truncated"][i]), duplicates=int(batch["duplicates"][i]))
             was_finished = self.state.get(o, {}).get("finished", False)
             self.state[o] = st
             if st["finished"] and not was_finished:
@@ -136,6 +142,7 @@ class Progress:
             "skipped": sum(s["skipped"] for s in self.state.values()),
             "finished": [self.names[o] for o, s in sorted(self.state.items()) if s["finished"]],
             "truncated_shards": sum(s["truncated"] for s in self.state.values()),
+            "input_duplicates": sum(s["duplicates"] for s in self.state.values()),
         }
 
 
@@ -165,6 +172,12 @@ def run(cfg: Config) -> dict:
     )
     for name in summary["written"]:
         say(f"  {os.path.join(cfg.hdf5_dir, name)}")
+    if summary.get("truncated_shards"):
+        say(f"  {summary['truncated_shards']} shard(s) ended early (truncated, or not a tar): the rows before "
+            "the break are kept; each file's 'units' attribute says which")
+    if summary.get("input_duplicates"):
+        say(f"  {summary['input_duplicates']} ID(s) occur more than once in the input: every occurrence has its "
+            "row; they are listed in the file's 'duplicate_index'")
     return summary
 
 
@@ -182,6 +195,8 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     c = asdict(cfg)
     pool = model_pool(cfg, ray)
     source = IliasDatasource(plan.units, plan.selected_keys)
+    # A few hundred folder images are one read task: no point starting more actors than that.
+    pool.min_actors = max(1, min(pool.min_actors, source.num_tasks()))
     decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))
     ds = ray.data.read_datasource(source, num_cpus=pool.decode_cpus, compute=decoders,
                                   override_num_blocks=source.num_tasks())
@@ -195,10 +210,7 @@ def build_dataset(cfg: Config, plan: Plan, ray):
 
 
 def execute(cfg: Config, plan: Plan) -> dict:
-    ray = init_ray(cfg)
-    from ray.data import ActorPoolStrategy
-
-    from ilias_ray.sink import Sink
+    from ilias_ray.sink import OutputWriter, Sink
 
     c = asdict(cfg)
     run_info = {
@@ -208,22 +220,36 @@ def execute(cfg: Config, plan: Plan) -> dict:
         "run_settings": {k: c[k] for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size",
                                            "start_tar", "total_tars", "tar_batch_size")},
     }
-    ds, pool = build_dataset(cfg, plan, ray)
-    say(f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
-        f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})")
-    # The sink lives on the driver's node, which owns --hdf5_dir.
-    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
-    ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": output_specs(plan), "run": run_info},
-                        batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=1),
-                        num_cpus=0, resources=here)
+    specs = output_specs(plan)
     progress = Progress(plan)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        progress.update(batch)  # the driver sees progress rows only
-    if os.environ.get("ILIAS_RAY_STATS"):
-        say(ds.stats())
+    # Outputs whose shards an earlier run all finished (it stopped while assembling) need no Ray.
+    units = {u.uid: u for u in plan.units}
+    for i, o in enumerate(plan.outputs):
+        if all(units[uid].record is not None for uid in o.units):
+            w = OutputWriter(specs[i], run_info)
+            w.drain()
+            progress.update({k: np.array([v]) for k, v in w.progress(i).items()})
+            specs[i]["done"] = True
+    if not all(spec.get("done") for spec in specs):
+        ray = init_ray(cfg)
+        from ray.data import ActorPoolStrategy
+
+        ds, pool = build_dataset(cfg, plan, ray)
+        say(f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
+            f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})")
+        # The sink lives on the driver's node, which owns --hdf5_dir.
+        here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+        ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": specs, "run": run_info},
+                            batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=1),
+                            num_cpus=0, resources=here)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.update(batch)  # the driver sees progress rows only
+        if os.environ.get("ILIAS_RAY_STATS"):
+            say(ds.stats())
     tot = progress.totals()
     missing = [o.name for o in plan.outputs if o.name not in tot["finished"]]
     if missing:
         raise RuntimeError(f"the job ended but these outputs are incomplete: {', '.join(missing)}")
     return {"written": tot["finished"], "rows": tot["rows"], "skipped": tot["skipped"],
-            "truncated_shards": tot["truncated_shards"], "timeline": progress.timeline}
+            "truncated_shards": tot["truncated_shards"], "input_duplicates": tot["input_duplicates"],
+            "timeline": progress.timeline}

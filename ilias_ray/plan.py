@@ -136,14 +136,16 @@ def _folder_items(cfg: Config) -> list:
     missing = [r for r in rel if not (root / r).is_file()]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise UserError(
-            f"{len(missing)} listed file(s) not found under {cfg.dataset_dir}: {', '.join(missing[:3])}{more}"
-        )
+        msg = f"{len(missing)} listed file(s) not found under {cfg.dataset_dir}: {', '.join(missing[:3])}{more}"
+        if not cfg.skip_missing:
+            raise UserError(msg + "; pass --skip_missing true to record them as skipped and go on")
+        print(f"ilias-ray: {msg}; they are recorded as skipped (--skip_missing true)", flush=True)
     need_boxes = cfg.partition != "text_queries" and (cfg.masking or cfg.crop_resize)
+    absent = set(missing)
     items = []
     for r in rel:
         path = str(root / r)
-        boxes = json.dumps(read_boxes(path)) if need_boxes else ""
+        boxes = json.dumps(read_boxes(path)) if need_boxes and r not in absent else ""
         items.append((escape_id(r), path, boxes))
     return items
 
@@ -243,6 +245,9 @@ def make_plan(cfg: Config) -> Plan:
     return Plan(outputs=outputs, units=units, done=done, selected_keys=selected)
 
 
+MIN_FREE_BYTES = 64 << 20  # below this a run would fail on its first part files
+
+
 def prepare_output_dir(cfg: Config, plan: Plan) -> None:
     """Create --hdf5_dir and drop stale partial files of the outputs we are about to redo."""
     try:
@@ -251,6 +256,10 @@ def prepare_output_dir(cfg: Config, plan: Plan) -> None:
         raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r}: {e.strerror or e}") from None
     if not os.access(cfg.hdf5_dir, os.W_OK):
         raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r} is not writable")
+    free = shutil.disk_usage(cfg.hdf5_dir).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r} has only {free >> 20} MiB free (need at least "
+                        f"{MIN_FREE_BYTES >> 20} MiB to start); make room and rerun")
     units = {u.uid: u for u in plan.units}
     for out in plan.outputs:
         if os.path.exists(out.partial_path):

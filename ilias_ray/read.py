@@ -8,6 +8,7 @@ reading stopped, so the sink knows what the shard owes it without a counting pas
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from typing import Iterator, Optional
@@ -81,17 +82,30 @@ def split_member(name: str):
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
+def marker_note(end: str, duplicates: list) -> str:
+    """A MARKER row's note: why the shard ended, and the IDs it holds more than once."""
+    return json.dumps({"end": end, "duplicates": duplicates})
+
+
 def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
-    """Stream one shard: one row per sample (image or skip), then one MARKER row."""
+    """Stream one shard: one row per sample (image or skip), then one MARKER row.
+
+    Member names are only split into key and extension, never used as file system paths.
+    A key the shard repeats gives one row per occurrence; the marker lists such IDs."""
     rows = _Rows(unit)
     pos = 0
     reason = "eof"
+    seen, repeated, duplicates = set(), set(), []
 
     def emit(key, members, off, missing="no jpg member in sample"):
         nonlocal pos
         raw = f"{unit.name}/{key}"
         if selected is not None and key not in selected and raw not in selected:
             return
+        if key in seen and key not in repeated:
+            repeated.add(key)
+            duplicates.append(escape_id(raw))
+        seen.add(key)
         if "jpg" in members:
             rows.add(pos, escape_id(raw), TAR_IMAGE, data=members["jpg"], off=off)
         else:
@@ -107,7 +121,7 @@ def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
                 k, ext = split_member(m.name)
                 if k is None:
                     continue
-                if k != key:
+                if k != key or ext in members:  # a new sample, or the same key again
                     if key is not None:
                         emit(key, members, off)
                         if rows.full():
@@ -125,7 +139,7 @@ def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
         reason = f"{'truncated' if started else 'not a tar'}: {type(e).__name__}: {e}"
         if key is not None:  # the sample being read when the shard broke: its jpg if complete
             emit(key, members, off, missing="shard truncated inside this sample")
-    rows.add(pos, f"{unit.name}/", MARKER, note=reason, off=unit.size)
+    rows.add(pos, f"{unit.name}/", MARKER, note=marker_note(reason, duplicates), off=unit.size)
     yield rows.take()
 
 
@@ -138,6 +152,8 @@ def read_folder(unit: Unit, start: int) -> Iterator[pa.Table]:
             with open(path, "rb") as f:
                 data = f.read()
             rows.add(pos, id_, kind, data=data, boxes=boxes)
+        except FileNotFoundError:
+            rows.add(pos, id_, SKIP, note="file not found")
         except OSError as e:
             rows.add(pos, id_, SKIP, note=f"unreadable: {e.strerror or e}")
         if rows.full():

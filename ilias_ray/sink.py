@@ -11,6 +11,7 @@ into `NAME.hdf5.partial`, which is renamed to `NAME.hdf5` only once complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,11 +19,13 @@ import shutil
 import h5py
 import numpy as np
 
-from ilias_ray import __version__
-from ilias_ray.config import settings_json
+from ilias_ray import __version__, faults
+from ilias_ray.config import UserError, settings_json
 from ilias_ray.plan import fingerprint
 from ilias_ray.read import MARKER, SKIP
 
+PROGRESS_COLUMNS = {"out": np.int32, "rows": np.int64, "skipped": np.int64, "fraction": np.float64,
+                    "finished": bool, "truncated": np.int64, "duplicates": np.int64}
 COPY_ROWS = 8192  # rows per block when assembling the HDF5 file
 ASCII = h5py.string_dtype("ascii")
 UTF8 = h5py.string_dtype("utf-8")
@@ -69,6 +72,7 @@ class UnitWriter:
         self.pos = 0
         self.count = None  # known from the marker (tars) or the plan (folders)
         self.end = "eof"
+        self.duplicates = []  # IDs the input itself repeats (from the shard's marker)
         self.buffer = {}  # pos -> row
         self.rows = self.skipped = self.vectors = 0
         self.dim = 0
@@ -90,6 +94,7 @@ class UnitWriter:
             if self.feat is None:
                 self._open()
             id_, kind, feat, nvec, note = row
+            faults.hit("sink_write")
             if kind == SKIP:
                 self.lines.write(json.dumps([id_, 0, note]) + "\n")
                 self.skipped += 1
@@ -111,7 +116,8 @@ class UnitWriter:
         os.replace(self.base + ".feat.tmp", self.base + ".feat")
         os.replace(self.base + ".rows.tmp", self.base + ".rows")
         write_json_atomic(self.base + ".json", {"count": self.count, "end": self.end, "rows": self.rows,
-                                                "skipped": self.skipped, "vectors": self.vectors, "dim": self.dim})
+                                                "skipped": self.skipped, "vectors": self.vectors, "dim": self.dim,
+                                                "duplicates": self.duplicates})
         self.done = True
 
 
@@ -121,11 +127,16 @@ class OutputWriter:
         self.run = run  # dtype, compression, local, run settings
         self.units = spec["units"]
         self.folder = parts_dir(spec["path"])
+        self.writers = {}
+        self.records = {}  # k -> the unit's completion record
+        self.offsets = {}
+        self.duplicates = 0
+        self.finished = bool(spec.get("done"))  # assembled by the driver before the job started
+        if self.finished:
+            return
         os.makedirs(self.folder, exist_ok=True)
         write_json_atomic(os.path.join(self.folder, "meta.json"),
                           {"fingerprint": fingerprint(spec["settings"]), "settings": spec["settings"]})
-        self.writers = {}
-        self.records = {}  # k -> the unit's completion record
         for k, (uid, _name, count, _size, record) in enumerate(self.units):
             if record is not None:
                 self.records[k] = record  # done by an earlier run
@@ -134,8 +145,6 @@ class OutputWriter:
                 w.count = count
                 self.writers[uid] = (k, w)
         self.offsets = {u[0]: 0 for u in self.units}
-        self.duplicates = 0
-        self.finished = False
 
     # -- progress --
     @property
@@ -161,6 +170,14 @@ class OutputWriter:
     def truncated(self) -> int:
         return sum(1 for r in self.records.values() if r["end"] != "eof")
 
+    def progress(self, out: int) -> dict:
+        """One progress row for the driver."""
+        return {"out": out, "rows": self.rows, "skipped": self.skipped, "fraction": self.fraction(),
+                "finished": self.finished, "truncated": self.truncated(), "duplicates": self.input_duplicates()}
+
+    def input_duplicates(self) -> int:
+        return sum(len(r.get("duplicates", [])) for r in self.records.values())
+
     # -- rows in --
     def add(self, uid, pos, id_, kind, feat, nvec, note, off) -> None:
         k, w = self.writers[uid]
@@ -172,7 +189,8 @@ class OutputWriter:
 
     def end_unit(self, uid, count, note) -> None:
         _k, w = self.writers[uid]
-        w.count, w.end = int(count), note
+        info = json.loads(note)  # see read.marker_note
+        w.count, w.end, w.duplicates = int(count), info["end"], info["duplicates"]
 
     def drain(self) -> None:
         for k, w in self.writers.values():
@@ -192,7 +210,7 @@ class OutputWriter:
         comp = self.run["compression"]
         opts = {"compression": "gzip", "compression_opts": comp} if comp else {}
         partial = self.spec["path"] + ".partial"
-        skipped, ends = [], []
+        skipped, ends, duplicates = [], [], []
         with h5py.File(partial, "w") as f:
             if dim:
                 chunk = max(1, min(1024, (1 << 20) // (dim * 4)))
@@ -206,8 +224,11 @@ class OutputWriter:
                                        chunks=(1024,)) if local else None
             total_vectors = 0
             for k, (uid, name, _c, _s, _r) in enumerate(self.units):
+                if k == 1:
+                    faults.hit("assemble")  # tests stop or kill the run here, half-way through the copy
                 rec = self.records[k]
                 ends.append({"name": name, "rows": rec["count"], "end": rec["end"]})
+                duplicates += rec.get("duplicates", [])
                 base = os.path.join(self.folder, str(k))
                 with open(base + ".rows") as lines, open(base + ".feat", "rb") as blob:
                     batch = []
@@ -223,6 +244,8 @@ class OutputWriter:
                     total_vectors = self._copy(batch, blob, dim, feats, index, offsets, total_vectors)
             f.create_dataset("skipped_index", data=np.array([s[0] for s in skipped], dtype=object), dtype=ASCII)
             f.create_dataset("skipped_reason", data=np.array([s[1] for s in skipped], dtype=object), dtype=UTF8)
+            # IDs the input holds more than once (every occurrence has its row); verify reads this.
+            f.create_dataset("duplicate_index", data=np.array(duplicates, dtype=object), dtype=ASCII)
             settings = self.spec["settings"]
             f.attrs["ilias_ray_settings"] = settings_json(settings)
             f.attrs["fingerprint"] = fingerprint(settings)
@@ -232,6 +255,7 @@ class OutputWriter:
             f.attrs["num_rows"] = index.shape[0]
             f.attrs["num_skipped"] = len(skipped)
             f.attrs["duplicates_dropped"] = self.duplicates
+            f.attrs["num_input_duplicates"] = len(duplicates)
             f.attrs["complete"] = True
             f.flush()
             os.fsync(f.id.get_vfd_handle())
@@ -260,6 +284,16 @@ class Sink:
             w.drain()  # an output whose units are all done already is assembled at once
 
     def __call__(self, batch: dict) -> dict:
+        try:
+            return self._call(batch)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                folder = os.path.dirname(self.writers[0].spec["path"])
+                raise UserError(f"--hdf5_dir {folder}: {e.strerror}; no file was finished by this write. "
+                                "Make room and rerun the same command: finished shards are kept") from None
+            raise
+
+    def _call(self, batch: dict) -> dict:
         touched = set()
         for i in range(len(batch["seq"])):
             o = int(batch["out"][i])
@@ -272,12 +306,5 @@ class Sink:
                       batch["feat"][i], int(batch["nvec"][i]), str(batch["note"][i]), batch["off"][i])
         for o in touched:
             self.writers[o].drain()
-        rows = [self.writers[o] for o in sorted(touched)]
-        return {
-            "out": np.array(sorted(touched), np.int32),
-            "rows": np.array([w.rows for w in rows], np.int64),
-            "skipped": np.array([w.skipped for w in rows], np.int64),
-            "fraction": np.array([w.fraction() for w in rows], np.float64),
-            "finished": np.array([w.finished for w in rows], bool),
-            "truncated": np.array([w.truncated() for w in rows], np.int64),
-        }
+        rows = [self.writers[o].progress(o) for o in sorted(touched)]
+        return {k: np.array([r[k] for r in rows], dtype) for k, dtype in PROGRESS_COLUMNS.items()}

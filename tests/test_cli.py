@@ -10,6 +10,7 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import VIT
 from ilias_ray.config import Config
@@ -52,35 +53,98 @@ def test_reference_readme_command(ray_cluster, sample, tmp_path):
         assert f["features"].shape == (sample["n_queries"], 1024) and f["features"].dtype == np.float16
 
 
-def test_kill_leaves_no_finished_file_and_rerun_redoes_only_unfinished_shards(ray_cluster, sample, tmp_path,
-                                                                              capsys):
-    opts = dict(partition="distractors", model=VIT, pretrained=False, resolution=160, multiscale=True,
-                multirotate=True, batch_size=4, webdl_batch_size=4, num_workers=1)
-    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path / "ref"), **opts))
-    out = tmp_path / "killed"
-    final = out / "features_distractors_00000.hdf5"
-    parts = out / (final.name + ".parts")
-    args = [f"--{k}={v}" for k, v in opts.items()]
-    address = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
-                                   "--address", address] + args,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done = lambda: sorted(p.name for p in parts.glob("[0-9]*.json")) if parts.exists() else []  # noqa: E731
-    deadline = time.time() + 240
-    while not done() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # with one shard durable and others in flight
-    proc.wait()
-    finished = done()
-    assert finished and len(finished) < 3 and not final.exists()  # nothing that looks finished
-    capsys.readouterr()
-    s = run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **opts))
-    said = capsys.readouterr().out
-    assert f"resuming: {len(finished)} of 3 unit(s) already done" in said  # only the rest is read again
-    assert s["written"] == [final.name] and not parts.exists()
-    with h5py.File(final) as a, h5py.File(tmp_path / "ref" / final.name) as b:
+KILL_OPTS = dict(partition="distractors", model=VIT, pretrained=False, resolution=160, multiscale=True,
+                 multirotate=True, batch_size=4, webdl_batch_size=4, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
+    return out / "features_distractors_00000.hdf5"
+
+
+def assert_same_file(path, ref):
+    with h5py.File(path) as a, h5py.File(ref) as b:
         assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
         assert list(a["skipped_index"].asstr()[()]) == list(b["skipped_index"].asstr()[()])
         np.testing.assert_allclose(a["features"][()].astype(np.float32), b["features"][()].astype(np.float32),
                                    atol=1e-3)
+
+
+@pytest.mark.parametrize("point", ["starting", "one shard done", "assembling", "SIGINT after one shard"])
+def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(ray_cluster, sample, tmp_path, capsys,
+                                                                          uninterrupted, point):
+    """SIGKILL at several points of a run (and SIGINT): no finished-looking file is left, and the
+    rerun's file equals an uninterrupted run's."""
+    out = tmp_path / "out"
+    final = out / uninterrupted.name
+    parts = out / (final.name + ".parts")
+    args = [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    env = dict(os.environ)
+    if point == "assembling":
+        env["ILIAS_RAY_FAULT"] = "assemble:sleep"  # the sink pauses half-way through the final copy
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
+                                   "--address", address] + args, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    done = lambda: sorted(p.name for p in parts.glob("[0-9]*.json")) if parts.exists() else []  # noqa: E731
+    reached = {
+        "starting": lambda: time.sleep(2) or True,
+        "one shard done": lambda: done(),
+        "assembling": lambda: (out / (final.name + ".partial")).exists(),
+        "SIGINT after one shard": lambda: done(),
+    }[point]
+    deadline = time.time() + 240
+    while not reached() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    if point.startswith("SIGINT"):
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=120) == 130
+        err = [ln for ln in proc.stderr.read().splitlines() if ln.startswith("ilias-ray")]
+        assert err == ["ilias-ray: interrupted: finished files and shards are kept; rerun the same command to resume"]
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = done()
+    assert not final.exists()  # nothing that looks finished
+    if point != "starting":
+        assert finished and (len(finished) < 3 or point == "assembling")
+    capsys.readouterr()
+    s = run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
+    said = capsys.readouterr().out
+    if finished:
+        assert f"resuming: {len(finished)} of 3 unit(s) already done" in said  # only the rest is read again
+    assert s["written"] == [final.name] and not parts.exists()
+    assert not (out / (final.name + ".partial")).exists()
+    assert_same_file(final, uninterrupted)
+
+
+@pytest.mark.parametrize("action", ["raise", "exit"])
+def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tmp_path, uninterrupted, action):
+    """An exception (retried in the actor) or a crash (Ray restarts the actor and resends the batch),
+    injected once: every row is written exactly once, as in an uninterrupted run."""
+    once = tmp_path / "fired"
+    env = dict(os.environ, ILIAS_RAY_FAULT=f"embed:{action}", ILIAS_RAY_FAULT_ONCE=str(once))
+    address = ray_cluster.get_runtime_context().gcs_address
+    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address,
+            *[f"--{k}={v}" for k, v in KILL_OPTS.items()], env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "fired.embed").exists()  # the fault did fire
+    if action == "raise":
+        assert "retrying it once" in p.stdout + p.stderr
+    assert_same_file(tmp_path / "out" / uninterrupted.name, uninterrupted)
+
+
+def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, sample, tmp_path):
+    env = dict(os.environ, ILIAS_RAY_FAULT="sink_write:enospc")
+    address = ray_cluster.get_runtime_context().gcs_address
+    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address,
+            "--partition", "distractors", "--model", "resnet18", "--pretrained", "false", "--resolution", "64",
+            env=env)
+    # Ray has started, so its own log lines may come first; ours is the last, and no traceback.
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert last.startswith("ilias-ray: error: --hdf5_dir") and "No space left on device" in last and "rerun" in last
+    assert not list(tmp_path.glob("*.hdf5"))

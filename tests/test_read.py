@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tarfile
 
 import pyarrow as pa
@@ -15,6 +16,10 @@ def rows_of(path, selected=None):
     return pa.concat_tables(list(read_tar(unit, selected))).to_pylist()
 
 
+def end(marker: dict) -> str:
+    return json.loads(marker["note"])["end"]
+
+
 def test_tar_samples_in_member_order(sample):
     path = sample["yfcc"] / "00000.tar"
     rows = rows_of(path)
@@ -26,7 +31,8 @@ def test_tar_samples_in_member_order(sample):
     kinds = {r["id"]: r["kind"] for r in rows[:-1]}
     assert all(kinds[i] == SKIP for i in sample["nonimage_ids"])
     assert sum(k == TAR_IMAGE for k in kinds.values()) == len(keys) - len(sample["nonimage_ids"])
-    assert rows[-1]["kind"] == MARKER and rows[-1]["note"] == "eof" and rows[-1]["pos"] == len(keys)
+    assert rows[-1]["kind"] == MARKER and rows[-1]["pos"] == len(keys)
+    assert json.loads(rows[-1]["note"]) == {"end": "eof", "duplicates": []}
 
 
 def test_truncated_and_not_a_tar(sample, tmp_path):
@@ -34,12 +40,12 @@ def test_truncated_and_not_a_tar(sample, tmp_path):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: len(data) // 2])
     rows = rows_of(cut)
-    assert rows[-1]["kind"] == MARKER and rows[-1]["note"].startswith("truncated")
+    assert rows[-1]["kind"] == MARKER and end(rows[-1]).startswith("truncated")
     assert 3 < rows[-1]["pos"] == len(rows) - 1 < 20  # what came before is kept
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
     rows = rows_of(junk)
-    assert len(rows) == 1 and rows[0]["note"].startswith("not a tar") and rows[0]["pos"] == 0
+    assert len(rows) == 1 and end(rows[0]).startswith("not a tar") and rows[0]["pos"] == 0
 
 
 def test_selected_keys_filter(sample):

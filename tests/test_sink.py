@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from ilias_ray.plan import finished_units, seq_id
-from ilias_ray.read import IMAGE, MARKER, SKIP
+from ilias_ray.read import IMAGE, MARKER, SKIP, marker_note
 from ilias_ray.sink import Sink
 
 D = 8
@@ -31,7 +31,7 @@ def batch(rows):
         cols["pos"].append(pos)
         cols["id"].append(f"s{unit}/{pos}")
         cols["kind"].append(kind)
-        cols["note"].append("bad" if kind == SKIP else "eof")
+        cols["note"].append("bad" if kind == SKIP else marker_note("eof", []) if kind == MARKER else "")
         cols["off"].append(0)
         cols["feat"].append(np.full(D, unit * 1000 + pos, np.float16).tobytes() if kind == IMAGE else b"")
         cols["nvec"].append(1 if kind == IMAGE else 0)
@@ -108,7 +108,8 @@ def test_progress_lines(capsys):
     p = Progress(plan, every=0)
     row = lambda rows, frac, done: {  # noqa: E731
         "out": np.array([0]), "rows": np.array([rows]), "skipped": np.array([1]),
-        "fraction": np.array([frac]), "finished": np.array([done]), "truncated": np.array([0])}
+        "fraction": np.array([frac]), "finished": np.array([done]), "truncated": np.array([0]),
+        "duplicates": np.array([0])}
     p.update(row(99, 0.25, False))
     p.update(row(399, 1.0, True))
     lines = capsys.readouterr().out.splitlines()
@@ -116,4 +117,4 @@ def test_progress_lines(capsys):
     assert "img/s" in lines[0] and "25.0%  ETA " in lines[0]
     assert lines[1].endswith("done")
     assert p.totals() == {"rows": 399, "skipped": 1, "finished": ["features_distractors_00000.hdf5"],
-                          "truncated_shards": 0}
+                          "truncated_shards": 0, "input_duplicates": 0}
