@@ -49,9 +49,9 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--num_workers", type=int, default=8, help="concurrent decode tasks")
     a("--store_fp16", type=_bool, default=True)
     a("--selected_ids", default=None, help="file with one ID per line (mini-ILIAS, uned)")
-    a("--skip_missing", type=_bool, default=False,
-      help="selected IDs that are not in the dataset are reported and skipped instead of failing the run")
     # ilias-ray additions
+    a("--skip_missing", type=_bool, default=False,
+      help="files listed in --selected_ids that do not exist are recorded as skipped instead of failing the run")
     a("--checkpoint", default=None, help="local weights file in the format the model's hub ships")
     a("--pretrained", type=_bool, default=True,
       help="false: seeded random weights, no download (tests and demos)")
@@ -60,7 +60,7 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     a("--model_actors", type=int, default=None,
       help="max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, "
-           "or one single-threaded actor per CPU without GPUs)")
+           "or one single-threaded actor per CPU (at most one per 3 GiB of memory) without GPUs)")
     a("--use_gpu", type=_auto_bool, default=None,
       help="auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them")
 

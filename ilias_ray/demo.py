@@ -13,6 +13,7 @@ from pathlib import Path
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run, say
 from ilias_ray.sample import build_sample
+from ilias_ray.verify import verify
 
 IMAGE_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 TEXT_MODEL = "RN50.openai"
@@ -61,4 +62,7 @@ def run_demo(workdir: str, address=None) -> list:
     skipped = sum(s["skipped"] for s in summaries)
     wall = sum(s["wall_s"] for s in summaries)
     say(f"{rows} rows, {skipped} skipped (recorded in the files), {wall:.1f} s of extraction")
+    say(f"\n== ilias-ray verify --hdf5_dir {out} ==")
+    if verify(out, out=say):
+        raise RuntimeError("the demo's own files did not verify")
     return summaries

@@ -90,9 +90,9 @@ class Embedder:
         return F.normalize(f.float(), dim=-1)
 
     def chunk(self, hw) -> int:
-        """Images per forward pass. On a CPU, small chunks keep activations in cache: at 512 px
-        2 images per pass ran about 1.5x faster than 32 (bench/bench.py --variants); a GPU takes the
-        whole batch."""
+        """Images per forward pass. On a CPU, small chunks keep activations in cache: at 512 px,
+        2 images per pass ran 1.1-1.8x faster than 32 on the 2-core CI machine (bench/bench.py
+        --variants); a GPU takes the whole batch."""
         if self.device.type != "cpu":
             return 1 << 30
         return max(1, self.chunk_pixels // (hw[0] * hw[1]))

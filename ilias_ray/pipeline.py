@@ -56,6 +56,9 @@ def init_ray(cfg: Config):
     return ray
 
 
+CPU_ACTOR_MEMORY = 3 << 30  # bytes a CPU model actor may need (a ViT-L at 512 px, with activations)
+
+
 @dataclass
 class Pool:
     """How the model stage runs: actors, what each asks Ray for, and what a decode task asks."""
@@ -72,8 +75,9 @@ def model_pool(cfg: Config, ray) -> Pool:
     """One GPU per actor when the cluster has GPUs, or when --use_gpu true asks for them before any
     GPU node is up (an autoscaler then adds them). The pool starts with what exists now and grows.
 
-    Without GPUs the model shares the cores with decoding: one single-threaded actor per CPU, each
-    actor and each decode task booked at half a CPU so that the OS interleaves them. One torch
+    Without GPUs the model shares the cores with decoding: one single-threaded actor per CPU (at
+    most one per 3 GiB of memory), each actor and each decode task booked at half a CPU so that the
+    OS interleaves them. One torch
     thread per process does more work per core than one multi-threaded model (bench/bench.py)."""
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
@@ -81,7 +85,9 @@ def model_pool(cfg: Config, ray) -> Pool:
         n = cfg.model_actors or max(gpus, 1)
         return Pool(True, n, max(1, min(n, gpus)), {"num_gpus": 1}, 1.0, 0)
     cpus = int(res.get("CPU", 1))
-    n = cfg.model_actors or cpus
+    # Each actor holds its own copy of the model: a large one on a many-core box must still fit.
+    by_memory = max(1, int(res.get("memory", 0) // CPU_ACTOR_MEMORY)) if res.get("memory") else cpus
+    n = cfg.model_actors or min(cpus, by_memory)
     return Pool(False, n, max(1, min(n, cpus)), {"num_cpus": 0.5}, 0.5, 1)
 
 
@@ -109,7 +115,6 @@ class Progress:
         self.t0 = time.time()
         self.last = {}
         self.timeline = []  # (seconds since start, rows + skipped so far): bench/ reads steady rates
-
 
     def update(self, batch: dict) -> None:
         now = time.time()

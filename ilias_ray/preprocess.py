@@ -123,7 +123,7 @@ def decode_batch(batch: dict, cfg: dict) -> dict:
     notes = list(batch["note"])
     data = list(batch["data"])
     # Pixels travel as numpy arrays: Ray stores them as one variable-shaped tensor column,
-    # a single copy into Arrow and zero-copy views on the model side (bytes cost 4x more).
+    # a single copy into Arrow and zero-copy views on the model side (bytes cost 7x more).
     img = object_column([NO_PIXELS] * n)
     mask = object_column([NO_MASK] * n)
     h = np.zeros(n, np.int32)

@@ -165,9 +165,9 @@ def verify(hdf5_dir: str, out=print) -> int:
     table = [(r.name, str(r.rows), str(r.skipped), str(r.dim), r.dtype,
               "ok" if not r.problems else f"{len(r.problems)} problem(s)") for r in reports]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
-    out("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    out("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     for row in table:
-        out("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        out("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     for r in reports:
         for p in r.problems:
             out(f"problem: {r.name}: {p}")

@@ -154,8 +154,11 @@ def test_pool_size_and_no_progress_timeout(ray_cluster):
     cfg = Config(dataset_dir=".", hdf5_dir=".")
     cpu_only = SimpleNamespace(cluster_resources=lambda: {"CPU": 16})
     gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 64, "GPU": 8})
-    # No GPU: one single-threaded actor per CPU, actors and decode tasks at half a CPU each.
+    # No GPU: one single-threaded actor per CPU, actors and decode tasks at half a CPU each,
+    # but no more actors than 3 GiB of memory each allows.
     assert model_pool(cfg, cpu_only) == Pool(False, 16, 16, {"num_cpus": 0.5}, 0.5, 1)
+    small = SimpleNamespace(cluster_resources=lambda: {"CPU": 16, "memory": 16 * 2**30})
+    assert model_pool(cfg, small) == Pool(False, 5, 5, {"num_cpus": 0.5}, 0.5, 1)
     assert model_pool(Config(dataset_dir=".", hdf5_dir=".", model_actors=4), cpu_only).max_actors == 4
     assert model_pool(cfg, gpus) == Pool(True, 8, 8, {"num_gpus": 1}, 1.0, 0)
     # An autoscaling cluster with no GPU node up yet: GPU actors on request, up to --model_actors,
