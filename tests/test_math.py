@@ -762,3 +762,16 @@ def test_decode_modes_end_rgb(mode):
         out = preprocess.decode_image(data, exif)
         assert out.mode == "RGB" and out.size == (17, 11)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_cpu_chunks_do_not_change_features():
+    """On a CPU a batch runs in small forward passes (cache-sized); the features must not change."""
+    emb = embed.Embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE", resolution=64,
+                                  min_size=40, multiscale=True))
+    px = torch.from_numpy(rng_pixels(7, 5, 33, 47, 3))
+    mask = torch.from_numpy(rng_pixels(8, 5, 40, 47) % 2)
+    assert emb.chunk((33, 47)) >= 5  # small images: the whole batch in one pass
+    whole = emb.embed_pixels(px, mask)
+    emb.chunk_pixels = 1  # one image per pass
+    assert emb.chunk((33, 47)) == 1
+    torch.testing.assert_close(emb.embed_pixels(px, mask), whole, **TOL)
