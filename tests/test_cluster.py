@@ -114,9 +114,10 @@ def head_node(tmp_path):
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # `ray start --block` can take half a minute to wind down
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     # `ray start` records itself for later `ray.init()` calls; drop the record of this dead head.
     current = Path("/tmp/ray/ray_current_cluster")
     if current.exists() and current.read_text().strip().endswith(f":{port}"):

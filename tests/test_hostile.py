@@ -172,22 +172,34 @@ def test_verify_passes_with_the_inputs_duplicates_as_warnings(hostile, capsys):
     assert "warning:" in out and "repeated as in the input" in out and "0 problem(s)" in out
 
 
-def one_line_error(args, **kw):
-    p = subprocess.run(CLI + args, capture_output=True, text=True, timeout=120, **kw)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "extracting" not in p.stdout  # it failed before any Ray work
+def one_line_error(args, capsys):
+    """Run the command line in this process (no torch import per case) and return its one line."""
+    from ilias_ray import cli
+
+    try:
+        rc = cli.main(args)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
+    assert "extracting" not in out.out  # it failed before any Ray work
     return lines[0]
 
 
-def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_path):
+def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_path, capsys):
+    # As a real process too: one line on stderr, exit status 2, no traceback.
+    p = subprocess.run(CLI + ["extract", "--dataset_dir", str(tmp_path / "missing"), "--hdf5_dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is not a directory" in p.stderr
+    check = lambda args: one_line_error(args, capsys)  # noqa: E731
     core = sample["core"]
     query = next(p for p in sorted(core.rglob("*.jpg")) if "quer" in str(p) and str(p).isascii())
     base = ["extract", "--hdf5_dir", str(tmp_path / "out"), "--model", "resnet18", "--pretrained", "false"]
-    assert "is not a directory" in one_line_error(base + ["--dataset_dir", str(tmp_path / "missing")])
+    assert "is not a directory" in check(base + ["--dataset_dir", str(tmp_path / "missing")])
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no inputs for --partition positives" in one_line_error(
+    assert "no inputs for --partition positives" in check(
         base + ["--dataset_dir", str(empty), "--partition", "positives"])
     # One query without its box file, one with a malformed one.
     for name, box in (("nobox", None), ("badbox", "12 x 30\n")):
@@ -196,20 +208,20 @@ def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_pat
         shutil.copy(query, d / "q.jpg")
         if box is not None:
             (d / "q_bbox.txt").write_text(box)
-        err = one_line_error(base + ["--dataset_dir", str(tmp_path / name), "--masking", "true"])
+        err = check(base + ["--dataset_dir", str(tmp_path / name), "--masking", "true"])
         assert "q_bbox.txt" in err and ("No such file" in err if box is None else "malformed" in err)
     listed = tmp_path / "ids.txt"
     rel = query.relative_to(core).as_posix()
     listed.write_text(f"{rel}\nnot/there.jpg\n")
-    err = one_line_error(base + ["--dataset_dir", str(core), "--partition", "uned", "--selected_ids", str(listed)])
+    err = check(base + ["--dataset_dir", str(core), "--partition", "uned", "--selected_ids", str(listed)])
     assert "1 listed file(s) not found" in err and "not/there.jpg" in err and "--skip_missing true" in err
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert "--hdf5_dir" in one_line_error(["extract", "--dataset_dir", str(core), "--hdf5_dir",
-                                           str(a_file / "sub")] + base[3:])
+    assert "--hdf5_dir" in check(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(a_file / "sub")]
+                                 + base[3:])
     for flag, value in (("--resolution", "0"), ("--batch_size", "-1"), ("--multiscale", "perhaps"),
                         ("--partition", "everything"), ("--hdf5_compression", "12"), ("--start_tar", "x")):
-        assert flag in one_line_error(base + ["--dataset_dir", str(core), flag, value])
+        assert flag in check(base + ["--dataset_dir", str(core), flag, value])
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
