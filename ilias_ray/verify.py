@@ -159,7 +159,7 @@ def verify(hdf5_dir: str, out=print) -> int:
         raise UserError(f"no .hdf5 files in {hdf5_dir}")
     reports = [check_file(os.path.join(hdf5_dir, n)) for n in files]
     general = [f"unfinished run: {n} (rerun the same command to complete it)" for n in unfinished]
-    general += chunk_gaps(reports, lambda d: count_tars(d))
+    general += chunk_gaps(reports, count_tars)
 
     header = ("file", "rows", "skipped", "dim", "dtype", "status")
     table = [(r.name, str(r.rows), str(r.skipped), str(r.dim), r.dtype,
