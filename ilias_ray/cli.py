@@ -134,6 +134,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:
+        if "ilias_ray.pipeline" in sys.modules:
+            sys.modules["ilias_ray.pipeline"].stop_ray()
         user = user_error(e)
         if user is not None:
             print(f"ilias-ray: error: {user}", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -96,16 +95,20 @@ class Config:
             )
         if self.model_actors is not None and self.model_actors < 1:
             raise UserError("--model_actors must be a positive integer")
-        if not os.path.isdir(self.dataset_dir):
-            raise UserError(f"--dataset_dir {self.dataset_dir!r} is not a directory")
+        from ilias_ray.storage import Location, check_credentials_free
+
+        for flag, where in (("--dataset_dir", self.dataset_dir), ("--hdf5_dir", self.hdf5_dir),
+                            ("--checkpoint", self.checkpoint), ("--selected_ids", self.selected_ids)):
+            check_credentials_free(flag, where)
+        Location.of(self.dataset_dir).check_dir("--dataset_dir")
         if self.checkpoint is not None:
-            if not os.path.isfile(self.checkpoint):
-                raise UserError(f"--checkpoint {self.checkpoint!r}: no such file")
-            self.checkpoint_sha256 = file_sha256(self.checkpoint)
+            ckpt = Location.of(self.checkpoint)
+            ckpt.check_file("--checkpoint")
+            self.checkpoint_sha256 = ckpt.sha256()
         if self.selected_ids is not None:
-            if not os.path.isfile(self.selected_ids):
-                raise UserError(f"--selected_ids {self.selected_ids!r}: no such file")
-            self.selected_ids_sha256 = file_sha256(self.selected_ids)
+            ids = Location.of(self.selected_ids)
+            ids.check_file("--selected_ids")
+            self.selected_ids_sha256 = ids.sha256()
         if self.partition == "uned" and self.selected_ids is None:
             raise UserError("--partition uned needs --selected_ids (the list of files to embed)")
         return self

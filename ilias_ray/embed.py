@@ -22,6 +22,7 @@ from ilias_ray.models import build
 from ilias_ray.models.pooling import pool
 from ilias_ray.preprocess import pad_target
 from ilias_ray.read import IMAGE, TEXT
+from ilias_ray.storage import local_copy
 
 CPU_CHUNK_PIXELS = 1 << 19  # two 512x384 images
 PASS_COLUMNS = ("seq", "out", "unit", "pos", "id", "kind", "note", "off")
@@ -48,7 +49,9 @@ class Embedder:
     def __init__(self, cfg: dict, threads: int = 0):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.bb = build(cfg)
+        # A --checkpoint in a bucket is downloaded once per node (and checked against its sha256).
+        ckpt = cfg.get("checkpoint")
+        self.bb = build(dict(cfg, checkpoint=local_copy(ckpt, cfg.get("checkpoint_sha256"))) if ckpt else cfg)
         self.bb.model.to(self.device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)

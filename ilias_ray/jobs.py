@@ -12,6 +12,7 @@ import sys
 from ilias_ray.cli import main as cli_main
 from ilias_ray.models.table import benchmark_rows
 from ilias_ray.models.text import TEXT_MODELS
+from ilias_ray.storage import child
 
 
 def has_text_tower(framework: str, model: str) -> bool:
@@ -66,7 +67,7 @@ def run_sweep(pattern, core, yfcc, hdf5_dir, start_tar=0, total_tars=10, extra=(
         return 2
     failed = []
     for r in rows:
-        out = f"{hdf5_dir.rstrip('/')}/{slug(r['label'])}"
+        out = child(hdf5_dir, slug(r["label"]))
         cmds = model_commands(r["framework"], r["model"], core, yfcc, out, r["pooling"], int(r["resolution"]),
                               start_tar, total_tars, r["has_text"], extra)
         print(f"\n#### {r['label']} ({r['framework']} {r['model']}) -> {out}", flush=True)

@@ -18,6 +18,7 @@ import numpy as np
 from ilias_ray import models
 from ilias_ray.config import Config
 from ilias_ray.plan import Plan, make_plan, prepare_output_dir
+from ilias_ray.storage import Location, redact
 
 def say(msg: str) -> None:
     # Plain lines, flushed: they read the same in a terminal and in `ray job logs`.
@@ -31,14 +32,23 @@ def fmt_eta(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+_STARTED = []  # set when this process connected to Ray (a caller's own connection is left alone)
+
+
 def init_ray(cfg: Config):
     import ray
 
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
+        _STARTED.append(True)
         kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
-        # ILIAS_RAY_* settings (debugging, test fault injection) reach this job's workers on any cluster.
-        ours = {k: v for k, v in os.environ.items() if k.startswith("ILIAS_RAY_")}
+        # ILIAS_RAY_* settings (debugging, test fault injection) and the object store's endpoint and
+        # region reach this job's workers on any cluster. Credentials never travel this way: each
+        # node takes its own from the standard places.
+        ours = {k: v for k, v in os.environ.items() if k.startswith("ILIAS_RAY_") or k in FORWARDED_ENV}
         if ours:
             kwargs["runtime_env"] = {"env_vars": ours}
         if address:
@@ -54,6 +64,20 @@ def init_ray(cfg: Config):
     # Waiting for autoscaled GPU nodes must not count as "no progress".
     ctx.execution_no_progress_timeout_s = 6 * 3600
     return ray
+
+
+def stop_ray() -> None:
+    """Disconnect the Ray connection this process made, so that Ray's own shutdown messages come
+    before, not after, the one line the command ends with."""
+    if _STARTED:
+        import ray
+
+        _STARTED.clear()
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - never hide the error being reported
+            pass
 
 
 CPU_ACTOR_MEMORY = 3 << 30  # bytes a CPU model actor may need (a ViT-L at 512 px, with activations)
@@ -96,7 +120,7 @@ def output_specs(plan: Plan) -> list:
     return [
         {
             "name": o.name,
-            "path": o.path,
+            "dir": o.dir,
             "settings": o.settings,
             "units": [(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record)
                       for uid in o.units],
@@ -122,7 +146,8 @@ class Progress:
             o = int(o)
             st = dict(rows=int(batch["rows"][i]), skipped=int(batch["skipped"][i]),
                       fraction=float(batch["fraction"][i]), finished=bool(batch["finished"][i]),
-                      truncated=int(batch["truncated"][i]), duplicates=int(batch["duplicates"][i]))
+                      truncated=int(batch["truncated"][i]), duplicates=int(batch["duplicates"][i]),
+                      retries=int(batch["retries"][i]))
             was_finished = self.state.get(o, {}).get("finished", False)
             self.state[o] = st
             if st["finished"] and not was_finished:
@@ -148,6 +173,7 @@ class Progress:
             "finished": [self.names[o] for o, s in sorted(self.state.items()) if s["finished"]],
             "truncated_shards": sum(s["truncated"] for s in self.state.values()),
             "input_duplicates": sum(s["duplicates"] for s in self.state.values()),
+            "read_retries": sum(s["retries"] for s in self.state.values()),
         }
 
 
@@ -176,10 +202,13 @@ def run(cfg: Config) -> dict:
         f"{summary['images_per_s']:.1f} img/s"
     )
     for name in summary["written"]:
-        say(f"  {os.path.join(cfg.hdf5_dir, name)}")
+        say(f"  {Location.of(cfg.hdf5_dir) / name}")
     if summary.get("truncated_shards"):
         say(f"  {summary['truncated_shards']} shard(s) ended early (truncated, or not a tar): the rows before "
             "the break are kept; each file's 'units' attribute says which")
+    if summary.get("read_retries"):
+        say(f"  {summary['read_retries']} read(s) of shards failed part-way and were retried (dropped connections, "
+            "throttling); every row is still written once")
     if summary.get("input_duplicates"):
         say(f"  {summary['input_duplicates']} ID(s) occur more than once in the input: every occurrence has its "
             "row; they are listed in the file's 'duplicate_index'")
@@ -222,8 +251,9 @@ def execute(cfg: Config, plan: Plan) -> dict:
         "dtype": "float16" if cfg.store_fp16 else "float32",
         "compression": cfg.hdf5_compression,
         "local": cfg.pooling == "local",
-        "run_settings": {k: c[k] for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size",
-                                           "start_tar", "total_tars", "tar_batch_size")},
+        "run_settings": {k: redact(c[k]) if isinstance(c[k], str) else c[k]
+                         for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size", "start_tar",
+                                   "total_tars", "tar_batch_size")},
     }
     specs = output_specs(plan)
     progress = Progress(plan)
@@ -257,4 +287,5 @@ def execute(cfg: Config, plan: Plan) -> dict:
         raise RuntimeError(f"the job ended but these outputs are incomplete: {', '.join(missing)}")
     return {"written": tot["finished"], "rows": tot["rows"], "skipped": tot["skipped"],
             "truncated_shards": tot["truncated_shards"], "input_duplicates": tot["input_duplicates"],
+            "read_retries": tot["read_retries"],
             "timeline": progress.timeline}

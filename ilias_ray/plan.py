@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from fnmatch import fnmatchcase
 from typing import Optional
 
+import pyarrow.fs as pafs
+
 from ilias_ray.config import Config, UserError, settings_json
+from ilias_ray.storage import Location, iter_lines
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "JPG", "JPEG", "PNG"}
 PARTIAL_SUFFIX = ".partial"
+PARTS_SUFFIX = ".parts"
+LISTING_THREADS = 16  # concurrent small reads (box files, part records) from a bucket
 
 
 def escape_id(path: str) -> str:
@@ -36,9 +43,9 @@ class Unit:
     out: int
     kind: str  # "tar" | "folder" | "text"
     name: str  # shard file name, or the partition for folder units
-    path: Optional[str] = None  # tar path
+    src: Optional[Location] = None  # the tar shard, or the dataset folder of folder/text items
     size: int = 0  # tar size in bytes (for progress)
-    items: list = field(default_factory=list)  # folder/text: [(id, path, boxes)]
+    items: list = field(default_factory=list)  # folder/text: [(id, path below src or None if missing, boxes)]
     record: Optional[dict] = None  # the completion record of an earlier, interrupted run
 
     @property
@@ -51,13 +58,17 @@ class Unit:
 class Output:
     index: int
     name: str
-    path: str
+    dir: Location  # --hdf5_dir
     units: list  # uids, in output order
     settings: dict
 
     @property
-    def partial_path(self) -> str:
-        return self.path + PARTIAL_SUFFIX
+    def loc(self) -> Location:
+        return self.dir / self.name
+
+    @property
+    def parts(self) -> Location:
+        return parts_location(self.dir, self.name)
 
 
 @dataclass
@@ -68,41 +79,46 @@ class Plan:
     selected_keys: Optional[frozenset] = None  # distractor key filter
 
 
-def read_selected_ids(path: str) -> list:
-    ids = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                ids.append(line.split(",")[0].strip())
+def parts_location(out_dir: Location, name: str) -> Location:
+    """Where an output's finished units live until the output is assembled (`NAME.hdf5.parts/`)."""
+    return out_dir / (name + PARTS_SUFFIX)
+
+
+def read_selected_ids(where: str) -> list:
+    ids = [ln.strip().split(",")[0].strip() for ln in iter_lines(Location.of(where)) if ln.strip()]
     if not ids:
-        raise UserError(f"--selected_ids {path!r} lists no IDs")
+        raise UserError(f"--selected_ids {Location.of(where)} lists no IDs")
     return ids
 
 
-def list_images(root: Path) -> list:
-    """Relative paths (str) of image files under root, sorted as Python sorts strings."""
-    found = []
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            if "." in f and f.rsplit(".", 1)[1] in IMAGE_EXTS:
-                found.append(os.path.relpath(os.path.join(dirpath, f), root))
-    return sorted(found)
+def list_files(root: Location, recursive: bool = True) -> dict:
+    """{path below root: size} of every file under root; None for an entry that is there but
+    cannot be read (a broken link): using it is an error, never a smaller dataset."""
+    kinds = (pafs.FileType.File, pafs.FileType.Unknown)
+    return {rel: info.size if info.type == pafs.FileType.File else None
+            for rel, info in root.list(recursive=recursive) if info.type in kinds}
+
+
+def check_readable(root: Location, names: list, files: dict) -> None:
+    broken = [n for n in names if files.get(n, 0) is None]
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise UserError(f"cannot read {root / broken[0]}: not found (a broken link?){more}")
+
+
+def list_images(files) -> list:
+    """Paths (str, '/'-separated) of image files among `files`, sorted as Python sorts strings."""
+    return sorted(f for f in files if "." in posixpath.basename(f) and f.rsplit(".", 1)[1] in IMAGE_EXTS)
 
 
 def box_path(image_path: str) -> str:
-    base = image_path.rsplit(".", 1)[0] if "." in os.path.basename(image_path) else image_path
+    base = image_path.rsplit(".", 1)[0] if "." in posixpath.basename(image_path) else image_path
     return base + "_bbox.txt"
 
 
-def read_boxes(image_path: str) -> list:
-    """Boxes `[x, y, w, h]` from the image's `_bbox.txt`; a clear error if missing or malformed."""
-    bp = box_path(image_path)
-    try:
-        with open(bp, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-    except OSError as e:
-        raise UserError(f"box file {bp}: {e.strerror or e}") from None
+def parse_boxes(text: str, where) -> list:
+    """Boxes `[x, y, w, h]` from a `_bbox.txt` file's text; a clear error if malformed."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     boxes = []
     for ln in lines:
         parts = ln.replace(",", " ").split()
@@ -111,66 +127,78 @@ def read_boxes(image_path: str) -> list:
         except ValueError:
             vals = []
         if len(vals) != 4 or vals[2] < 0 or vals[3] < 0:
-            raise UserError(f"box file {bp}: malformed line {ln!r} (want 'x y w h')")
+            raise UserError(f"box file {where}: malformed line {ln!r} (want 'x y w h')")
         boxes.append([int(v) if v.is_integer() else v for v in vals])
     if not boxes:
-        raise UserError(f"box file {bp}: no boxes")
+        raise UserError(f"box file {where}: no boxes")
     return boxes
 
 
+def read_boxes(root: Location, image: str, files: dict) -> list:
+    """The boxes of `image` (a path below root), from its `_bbox.txt` beside it."""
+    bp = root / box_path(image)
+    if box_path(image) not in files:
+        raise UserError(f"box file {bp}: No such file or directory")
+    try:
+        text = bp.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"box file {bp}: not UTF-8 text") from None
+    return parse_boxes(text, bp)
+
+
 def _folder_items(cfg: Config) -> list:
-    root = Path(cfg.dataset_dir)
-    if cfg.partition == "text_queries":
-        if cfg.selected_ids:
-            rel = read_selected_ids(cfg.selected_ids)
-        else:
-            rel = sorted(str(p.relative_to(root)) for p in root.rglob("T*.txt") if p.is_file())
-    elif cfg.selected_ids:
+    root = Location.of(cfg.dataset_dir)
+    files = list_files(root)
+    if cfg.selected_ids:
         rel = read_selected_ids(cfg.selected_ids)
+    elif cfg.partition == "text_queries":
+        rel = sorted(f for f in files if fnmatchcase(posixpath.basename(f), "T*.txt"))
     else:
         # Match on the path relative to the dataset root (the reference tests the absolute path).
         key = "quer" if cfg.partition == "image_queries" else "pos"
-        rel = [p for p in list_images(root) if key in p]
+        rel = [p for p in list_images(files) if key in p]
     if not rel:
-        raise UserError(f"no inputs for --partition {cfg.partition} under {cfg.dataset_dir}")
-    missing = [r for r in rel if not (root / r).is_file()]
+        raise UserError(f"no inputs for --partition {cfg.partition} under {root}")
+    found = {r: r if r in files else posixpath.normpath(r) for r in rel}  # './a.jpg' names 'a.jpg'
+    missing = [r for r in rel if found[r] not in files]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        msg = f"{len(missing)} listed file(s) not found under {cfg.dataset_dir}: {', '.join(missing[:3])}{more}"
+        msg = f"{len(missing)} listed file(s) not found under {root}: {', '.join(missing[:3])}{more}"
         if not cfg.skip_missing:
             raise UserError(msg + "; pass --skip_missing true to record them as skipped and go on")
         print(f"ilias-ray: {msg}; they are recorded as skipped (--skip_missing true)", flush=True)
-    need_boxes = cfg.partition != "text_queries" and (cfg.masking or cfg.crop_resize)
     absent = set(missing)
-    items = []
-    for r in rel:
-        path = str(root / r)
-        boxes = json.dumps(read_boxes(path)) if need_boxes and r not in absent else ""
-        items.append((escape_id(r), path, boxes))
-    return items
+    present = [found[r] for r in rel if r not in absent]
+    check_readable(root, present, files)
+    boxes = {}
+    if cfg.partition != "text_queries" and (cfg.masking or cfg.crop_resize):
+        with ThreadPoolExecutor(LISTING_THREADS) as pool:  # many small reads when in a bucket
+            boxes = dict(zip(present, pool.map(lambda p: json.dumps(read_boxes(root, p, files)), present)))
+    return [(escape_id(r), None if r in absent else found[r], boxes.get(found[r], "")) for r in rel]
 
 
-def _tar_chunks(cfg: Config) -> list:
-    root = Path(cfg.dataset_dir)
-    shards = sorted(p.name for p in root.glob("*.tar"))
+def _tar_chunks(cfg: Config) -> tuple:
+    """([(file id, [shard names])], {shard name: size}) of the shards this run covers."""
+    root = Location.of(cfg.dataset_dir)
+    sizes = {rel: size for rel, size in list_files(root, recursive=False).items() if rel.endswith(".tar")}
+    shards = sorted(sizes)
     if not shards:
-        raise UserError(f"no .tar shards in {cfg.dataset_dir}")
+        raise UserError(f"no .tar shards in {root}")
     total = cfg.total_tars if cfg.total_tars is not None else len(shards)
     sel = shards[cfg.start_tar : cfg.start_tar + total]
     if not sel:
         raise UserError(f"--start_tar {cfg.start_tar} is past the last of {len(shards)} shards")
+    check_readable(root, sel, sizes)
     b = cfg.tar_batch_size
-    return [(i + cfg.start_tar // b, sel[i * b : (i + 1) * b]) for i in range((len(sel) + b - 1) // b)]
+    return [(i + cfg.start_tar // b, sel[i * b : (i + 1) * b]) for i in range((len(sel) + b - 1) // b)], sizes
 
 
-def output_status(path: str, settings: dict) -> str:
+def output_status(loc: Location, settings: dict) -> str:
     """'missing', 'same' or a one-line description of how an existing output differs."""
-    if not os.path.exists(path):
+    if loc.info().type == pafs.FileType.NotFound:
         return "missing"
-    import h5py  # here: read tasks import this module and never need h5py
-
     try:
-        with h5py.File(path, "r") as f:
+        with loc.open_hdf5() as f:
             recorded = f.attrs.get("ilias_ray_settings")
             complete = bool(f.attrs.get("complete", False))
     except OSError:
@@ -182,91 +210,126 @@ def output_status(path: str, settings: dict) -> str:
     return "same" if not diff else "settings differ (" + "; ".join(diff) + ")"
 
 
-def finished_units(path: str, settings: dict) -> dict:
-    """Completion records {unit index: record} an interrupted run of the same settings left."""
-    folder = path + ".parts"
+def finished_units(parts: Location, settings: dict) -> dict:
+    """Completion records {unit index: record} that an interrupted run of the same settings left
+    in `parts`. A record counts only if its part files are there with the sizes it names."""
+    if parts.info().type != pafs.FileType.Directory:
+        return {}
+    files = {rel: info.size for rel, info in parts.list() if info.type == pafs.FileType.File}
+    meta = _json_or_none(parts / "meta.json") if "meta.json" in files else None
+    if not meta or meta.get("fingerprint") != fingerprint(settings):
+        return {}
+    names = [n for n in files if n.endswith(".json") and n[:-5].isdigit()]
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        found = dict(zip(names, pool.map(lambda n: _json_or_none(parts / n), names)))
+    return {int(n[:-5]): rec for n, rec in found.items() if isinstance(rec, dict) and _parts_match(n[:-5], rec, files)}
+
+
+def _parts_match(k: str, record: dict, files: dict) -> bool:
+    """A unit's part files are all there, with the sizes its record names (else: redo the unit)."""
+    for ext in ("feat", "rows"):
+        size, want = files.get(f"{k}.{ext}"), record.get(f"{ext}_bytes")
+        if size is None or (want is not None and size != want):
+            return False
+    return True
+
+
+def _json_or_none(loc: Location):
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if meta.get("fingerprint") != fingerprint(settings):
-        return {}
-    records = {}
-    for name in os.listdir(folder):
-        stem, ext = os.path.splitext(name)
-        if ext == ".json" and stem.isdigit():
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    records[int(stem)] = json.load(f)
-            except (OSError, ValueError):
-                pass  # a torn record: redo that unit
-    return records
+        return json.loads(loc.read_bytes())
+    except ValueError:
+        return None
 
 
 def make_plan(cfg: Config) -> Plan:
     """List inputs, name outputs, and decide per output: skip, refuse, or (re)do."""
     base = cfg.output_settings()
+    root = Location.of(cfg.dataset_dir)
     if cfg.partition == "distractors":
         selected = frozenset(read_selected_ids(cfg.selected_ids)) if cfg.selected_ids else None
+        chunks, sizes = _tar_chunks(cfg)
         groups = []
-        for file_id, shards in _tar_chunks(cfg):
+        for file_id, shards in chunks:
             name = f"{cfg.hdf5_name}_distractors_{file_id:05d}.hdf5"
             groups.append((name, [("tar", s) for s in shards], dict(base, shards=shards)))
     else:
-        selected = None
+        selected, sizes = None, {}
         items = _folder_items(cfg)
         kind = "text" if cfg.partition == "text_queries" else "folder"
         name = f"{cfg.hdf5_name}_{cfg.partition}.hdf5"
         groups = [(name, [(kind, items)], dict(base, rows=len(items)))]
 
+    out_dir = Location.of(cfg.hdf5_dir)
     outputs, units, done = [], [], []
     for name, sources, settings in groups:
-        path = os.path.join(cfg.hdf5_dir, name)
-        status = output_status(path, settings)
+        status = output_status(out_dir / name, settings)
         if status == "same" and not cfg.overwrite:
             done.append(name)
             continue
         if status not in ("missing", "same") and not cfg.overwrite:
-            raise UserError(f"{path} exists but {status}; pass --overwrite true to replace it")
-        out = Output(index=len(outputs), name=name, path=path, units=[], settings=settings)
-        records = {} if cfg.overwrite else finished_units(path, settings)
+            raise UserError(f"{out_dir / name} exists but {status}; pass --overwrite true to replace it")
+        out = Output(index=len(outputs), name=name, dir=out_dir, units=[], settings=settings)
+        records = {} if cfg.overwrite else finished_units(out.parts, settings)
         for k, (kind, src) in enumerate(sources):
             uid = len(units)
             if kind == "tar":
-                tar_path = os.path.join(cfg.dataset_dir, src)
-                unit = Unit(uid, out.index, "tar", src, path=tar_path, size=os.path.getsize(tar_path))
+                unit = Unit(uid, out.index, "tar", src, src=root / src, size=sizes[src])
             else:
-                unit = Unit(uid, out.index, kind, cfg.partition, items=src)
+                unit = Unit(uid, out.index, kind, cfg.partition, src=root, items=src)
             unit.record = records.get(k)
             units.append(unit)
             out.units.append(uid)
         outputs.append(out)
-    return Plan(outputs=outputs, units=units, done=done, selected_keys=selected)
+    plan = Plan(outputs=outputs, units=units, done=done, selected_keys=selected)
+    probe_inputs(plan)
+    return plan
+
+
+def probe_inputs(plan: Plan) -> None:
+    """Read the first byte of the first input still to read: a denied or failing read is one line
+    now, before any Ray work, not an error deep in a read task."""
+    for u in plan.units:
+        if u.record is None:
+            first = u.src if u.kind == "tar" else next((u.src / p for _, p, _ in u.items if p), None)
+            if first is not None:
+                first.probe()
+            return
 
 
 MIN_FREE_BYTES = 64 << 20  # below this a run would fail on its first part files
 
 
 def prepare_output_dir(cfg: Config, plan: Plan) -> None:
-    """Create --hdf5_dir and drop stale partial files of the outputs we are about to redo."""
+    """Make sure --hdf5_dir takes writes, and drop stale partial files of the outputs to redo.
+
+    Files are written in the staging directory (--hdf5_dir itself when local) and published from
+    there; a bucket's earlier staging copies are dropped, the bucket being the record."""
+    out_dir = Location.of(cfg.hdf5_dir)
+    staging = out_dir.staging()
     try:
-        os.makedirs(cfg.hdf5_dir, exist_ok=True)
+        os.makedirs(staging, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r}: {e.strerror or e}") from None
-    if not os.access(cfg.hdf5_dir, os.W_OK):
+        flag = "--hdf5_dir" if out_dir.local else "the staging directory (ILIAS_RAY_STAGING_DIR)"
+        raise UserError(f"{flag} {staging!r}: {e.strerror or e}") from None
+    if out_dir.local and not os.access(staging, os.W_OK):
         raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r} is not writable")
-    free = shutil.disk_usage(cfg.hdf5_dir).free
+    if not out_dir.local:
+        out_dir.check_writable("--hdf5_dir")
+    free = shutil.disk_usage(staging).free
     if free < MIN_FREE_BYTES:
-        raise UserError(f"--hdf5_dir {cfg.hdf5_dir!r} has only {free >> 20} MiB free (need at least "
+        where = f"--hdf5_dir {cfg.hdf5_dir!r}" if out_dir.local else f"the staging directory {staging!r}"
+        raise UserError(f"{where} has only {free >> 20} MiB free (need at least "
                         f"{MIN_FREE_BYTES >> 20} MiB to start); make room and rerun")
     units = {u.uid: u for u in plan.units}
     for out in plan.outputs:
-        if os.path.exists(out.partial_path):
-            os.remove(out.partial_path)
-        done = [units[uid] for uid in out.units if units[uid].record is not None]
-        if not done and os.path.isdir(out.path + ".parts"):
-            shutil.rmtree(out.path + ".parts")  # other settings, --overwrite, or nothing finished
+        partial = os.path.join(staging, out.name + PARTIAL_SUFFIX)
+        if os.path.exists(partial):
+            os.remove(partial)
+        local_parts = os.path.join(staging, out.name + PARTS_SUFFIX)
+        if not out_dir.local and os.path.isdir(local_parts):
+            shutil.rmtree(local_parts)
+        if not any(units[uid].record is not None for uid in out.units):
+            out.parts.delete_dir()  # other settings, --overwrite, or nothing finished
 
 
 def fingerprint(settings: dict) -> str:

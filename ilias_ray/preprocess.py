@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -116,6 +117,11 @@ def object_column(items: list) -> np.ndarray:
     return col
 
 
+def skip_reason(e: Exception) -> str:
+    """The recorded reason of a failed decode; the same on every run (no object addresses)."""
+    return f"decode failed: {type(e).__name__}: {re.sub(r' <[^<>]* at 0x[0-9a-fA-F]+>', '', str(e))}"
+
+
 def decode_batch(batch: dict, cfg: dict) -> dict:
     """Ray Data map_batches function: image rows -> IMAGE (pixels) or SKIP (reason)."""
     n = len(batch["seq"])
@@ -136,7 +142,7 @@ def decode_batch(batch: dict, cfg: dict) -> dict:
         try:
             arr, m = prepare(data[i], k == FILE_IMAGE, boxes, cfg)
         except Exception as e:  # any decode failure is recorded, not raised
-            kinds[i], notes[i] = SKIP, f"decode failed: {type(e).__name__}: {e}"
+            kinds[i], notes[i] = SKIP, skip_reason(e)
         else:
             kinds[i] = IMAGE
             img[i] = arr

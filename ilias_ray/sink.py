@@ -1,17 +1,19 @@
-"""Stage 4 (one actor, on the node that owns --hdf5_dir): reorder rows, write HDF5 files.
+"""Stage 4 (one actor, on the driver's node): reorder rows, write HDF5 files.
 
 Rows reach the sink out of order. Each unit (tar shard, or folder list) has its own cursor and
-reorder buffer, and streams its in-order rows to a part file in `NAME.hdf5.parts/`, so memory
+reorder buffer, and streams its in-order rows to a part file in a local staging folder, so memory
 depends on how far rows arrive out of order, not on how many rows a shard or chunk has, and a
-later shard never waits in memory for an earlier one. A finished unit's part is made durable
-(fsync, then its `K.json` record written atomically): after a crash, a rerun redoes only the
-units without a record. When every unit of an output is done, the parts are copied in order
-into `NAME.hdf5.partial`, which is renamed to `NAME.hdf5` only once complete.
+later shard never waits in memory for an earlier one. A finished unit's part is published to
+`NAME.hdf5.parts/` in --hdf5_dir (a rename when local, an upload to a bucket) and then its
+`K.json` record is written: after a crash, even on a new cluster, a rerun redoes only the units
+without a record. When every unit of an output is done, the parts are copied in order into a
+local `NAME.hdf5.partial`, which is published as `NAME.hdf5` only once complete.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -21,11 +23,12 @@ import numpy as np
 
 from ilias_ray import __version__, faults
 from ilias_ray.config import UserError, settings_json
-from ilias_ray.plan import fingerprint
+from ilias_ray.plan import PARTIAL_SUFFIX, PARTS_SUFFIX, fingerprint, parts_location
 from ilias_ray.read import MARKER, SKIP
+from ilias_ray.storage import Location
 
 PROGRESS_COLUMNS = {"out": np.int32, "rows": np.int64, "skipped": np.int64, "fraction": np.float64,
-                    "finished": bool, "truncated": np.int64, "duplicates": np.int64}
+                    "finished": bool, "truncated": np.int64, "duplicates": np.int64, "retries": np.int64}
 COPY_ROWS = 8192  # rows per block when assembling the HDF5 file
 ASCII = h5py.string_dtype("ascii")
 UTF8 = h5py.string_dtype("utf-8")
@@ -43,19 +46,6 @@ def library_versions() -> dict:
     return out
 
 
-def parts_dir(path: str) -> str:
-    return path + ".parts"
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append(ds, values) -> None:
     n = ds.shape[0]
     ds.resize(n + len(values), axis=0)
@@ -64,19 +54,23 @@ def _append(ds, values) -> None:
 
 class UnitWriter:
     """One unit's rows, in position order, appended to `K.feat` (raw vectors) and `K.rows`
-    (one JSON line per row: id, vectors, or the skip reason); `K.json` marks it complete."""
+    (one JSON line per row: id, vectors, or the skip reason) in the staging folder; when the
+    unit is done both are published to the parts folder, then `K.json` marks it complete."""
 
-    def __init__(self, folder: str, k: int, dtype: str):
-        self.base = os.path.join(folder, str(k))
+    def __init__(self, staging: str, parts: Location, k: int, dtype: str):
+        self.base = os.path.join(staging, str(k))
+        self.parts, self.k = parts, k
         self.dtype = dtype
         self.pos = 0
         self.count = None  # known from the marker (tars) or the plan (folders)
         self.end = "eof"
         self.duplicates = []  # IDs the input itself repeats (from the shard's marker)
+        self.retries = 0  # reads of the shard that were retried (from its marker)
         self.buffer = {}  # pos -> row
         self.rows = self.skipped = self.vectors = 0
         self.dim = 0
         self.done = False
+        self.record = None
         self.feat = self.lines = None
 
     def _open(self):
@@ -113,20 +107,24 @@ class UnitWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        os.replace(self.base + ".feat.tmp", self.base + ".feat")
-        os.replace(self.base + ".rows.tmp", self.base + ".rows")
-        write_json_atomic(self.base + ".json", {"count": self.count, "end": self.end, "rows": self.rows,
-                                                "skipped": self.skipped, "vectors": self.vectors, "dim": self.dim,
-                                                "duplicates": self.duplicates})
+        sizes = {ext: os.path.getsize(f"{self.base}.{ext}.tmp") for ext in ("feat", "rows")}
+        for ext in ("feat", "rows"):  # the staged copy stays for the assembly
+            (self.parts / f"{self.k}.{ext}").publish(f"{self.base}.{ext}.tmp", keep_as=f"{self.base}.{ext}")
+        self.record = {"count": self.count, "end": self.end, "rows": self.rows, "skipped": self.skipped,
+                       "vectors": self.vectors, "dim": self.dim, "duplicates": self.duplicates, "retries": self.retries,
+                       "feat_bytes": sizes["feat"], "rows_bytes": sizes["rows"]}
+        (self.parts / f"{self.k}.json").write_bytes(json.dumps(self.record).encode())  # last: the proof
         self.done = True
 
 
 class OutputWriter:
     def __init__(self, spec: dict, run: dict):
-        self.spec = spec  # name, path, settings, units [(uid, name, count or None, size, done record or None)]
+        self.spec = spec  # name, dir (Location), settings, units [(uid, name, count or None, size, record or None)]
         self.run = run  # dtype, compression, local, run settings
         self.units = spec["units"]
-        self.folder = parts_dir(spec["path"])
+        self.dir = spec["dir"] if isinstance(spec["dir"], Location) else Location.of(spec["dir"])
+        self.parts = parts_location(self.dir, spec["name"])
+        self.staging = os.path.join(self.dir.staging(), spec["name"] + PARTS_SUFFIX)  # == parts when local
         self.writers = {}
         self.records = {}  # k -> the unit's completion record
         self.offsets = {}
@@ -134,14 +132,15 @@ class OutputWriter:
         self.finished = bool(spec.get("done"))  # assembled by the driver before the job started
         if self.finished:
             return
-        os.makedirs(self.folder, exist_ok=True)
-        write_json_atomic(os.path.join(self.folder, "meta.json"),
-                          {"fingerprint": fingerprint(spec["settings"]), "settings": spec["settings"]})
+        os.makedirs(self.staging, exist_ok=True)
+        self.parts.makedirs()
+        meta = {"fingerprint": fingerprint(spec["settings"]), "settings": spec["settings"]}
+        (self.parts / "meta.json").write_bytes(json.dumps(meta).encode())
         for k, (uid, _name, count, _size, record) in enumerate(self.units):
             if record is not None:
                 self.records[k] = record  # done by an earlier run
             else:
-                w = UnitWriter(self.folder, k, run["dtype"])
+                w = UnitWriter(self.staging, self.parts, k, run["dtype"])
                 w.count = count
                 self.writers[uid] = (k, w)
         self.offsets = {u[0]: 0 for u in self.units}
@@ -173,7 +172,8 @@ class OutputWriter:
     def progress(self, out: int) -> dict:
         """One progress row for the driver."""
         return {"out": out, "rows": self.rows, "skipped": self.skipped, "fraction": self.fraction(),
-                "finished": self.finished, "truncated": self.truncated(), "duplicates": self.input_duplicates()}
+                "finished": self.finished, "truncated": self.truncated(), "duplicates": self.input_duplicates(),
+                "retries": sum(r.get("retries", 0) for r in self.records.values())}
 
     def input_duplicates(self) -> int:
         return sum(len(r.get("duplicates", [])) for r in self.records.values())
@@ -190,15 +190,14 @@ class OutputWriter:
     def end_unit(self, uid, count, note) -> None:
         _k, w = self.writers[uid]
         info = json.loads(note)  # see read.marker_note
-        w.count, w.end, w.duplicates = int(count), info["end"], info["duplicates"]
+        w.count, w.end, w.duplicates, w.retries = int(count), info["end"], info["duplicates"], info.get("retries", 0)
 
     def drain(self) -> None:
         for k, w in self.writers.values():
             if not w.done:
                 w.drain()
                 if w.done:
-                    with open(os.path.join(self.folder, f"{k}.json")) as f:
-                        self.records[k] = json.load(f)
+                    self.records[k] = w.record
         if not self.finished and len(self.records) == len(self.units):
             self.assemble()
 
@@ -209,7 +208,7 @@ class OutputWriter:
         dim = max((r["dim"] for r in self.records.values()), default=0)
         comp = self.run["compression"]
         opts = {"compression": "gzip", "compression_opts": comp} if comp else {}
-        partial = self.spec["path"] + ".partial"
+        partial = os.path.join(self.dir.staging(), self.spec["name"] + PARTIAL_SUFFIX)
         skipped, ends, duplicates = [], [], []
         with h5py.File(partial, "w") as f:
             if dim:
@@ -229,8 +228,8 @@ class OutputWriter:
                 rec = self.records[k]
                 ends.append({"name": name, "rows": rec["count"], "end": rec["end"]})
                 duplicates += rec.get("duplicates", [])
-                base = os.path.join(self.folder, str(k))
-                with open(base + ".rows") as lines, open(base + ".feat", "rb") as blob:
+                with self._part(k, "rows") as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines, \
+                        self._part(k, "feat") as blob:
                     batch = []
                     for line in lines:
                         row = json.loads(line)
@@ -259,9 +258,18 @@ class OutputWriter:
             f.attrs["complete"] = True
             f.flush()
             os.fsync(f.id.get_vfd_handle())
-        os.replace(partial, self.spec["path"])  # atomic: finished or absent
-        shutil.rmtree(self.folder, ignore_errors=True)
+        (self.dir / self.spec["name"]).publish(partial)  # atomic: finished or absent
+        try:
+            self.parts.delete_dir()
+        except OSError:  # the file is complete; a leftover parts folder is only untidy
+            pass
+        shutil.rmtree(self.staging, ignore_errors=True)
         self.finished = True
+
+    def _part(self, k: int, ext: str):
+        """A finished unit's part file: the staged copy, else the published one (an earlier run's)."""
+        staged = os.path.join(self.staging, f"{k}.{ext}")
+        return open(staged, "rb") if os.path.exists(staged) else (self.parts / f"{k}.{ext}").open_reader()
 
     def _copy(self, batch, blob, dim, feats, index, offsets, total_vectors) -> int:
         if not batch:
@@ -288,8 +296,9 @@ class Sink:
             return self._call(batch)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                folder = os.path.dirname(self.writers[0].spec["path"])
-                raise UserError(f"--hdf5_dir {folder}: {e.strerror}; no file was finished by this write. "
+                out = self.writers[0].dir
+                where = f"--hdf5_dir {out}" if out.local else f"the staging directory {out.staging()} (for {out})"
+                raise UserError(f"{where}: {e.strerror}; no file was finished by this write. "
                                 "Make room and rerun the same command: finished shards are kept") from None
             raise
 

@@ -9,11 +9,14 @@ range, and no run was left unfinished (`.partial` files, `.parts` folders).
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
+
+from ilias_ray.config import UserError
+from ilias_ray.storage import Location
 
 READ_ROWS = 8192  # rows read at a time: memory does not grow with the file
 CHUNK_NAME = re.compile(r"^(?P<base>.+_distractors)_(?P<n>\d{5})\.hdf5$")
@@ -69,51 +72,52 @@ def check_features(f, rep: Report, local: bool) -> None:
         rep.problems.append(f"{bad_norms} vector(s) whose L2 norm is not 1 (tolerance {tol})")
 
 
-def check_file(path: str) -> Report:
-    import h5py
-
-    rep = Report(os.path.basename(path))
+def check_file(loc: Location) -> Report:
+    rep = Report(loc.name)
     try:
-        f = h5py.File(path, "r")
+        with loc.open_hdf5() as f:
+            check_open_file(f, rep)
     except OSError as e:
         rep.problems.append(f"not a readable HDF5 file ({e})")
-        return rep
-    with f:
-        missing = [d for d in ("index", "features") if d not in f]
-        if missing:
-            rep.problems.append(f"missing dataset(s): {', '.join(missing)}")
-            return rep
-        if not bool(f.attrs.get("complete", False)):
-            rep.problems.append("not marked complete")
-        settings = {}
-        if "ilias_ray_settings" in f.attrs:
-            settings = json.loads(f.attrs["ilias_ray_settings"])
-            rep.run = json.loads(f.attrs.get("run", "{}"))
-        else:
-            rep.problems.append("settings not recorded (no 'ilias_ray_settings' attribute)")
-        ids = _strings(f["index"])
-        rep.rows = len(ids)
-        rep.dtype = str(f["features"].dtype)
-        rep.dim = int(f["features"].shape[1]) if f["features"].ndim == 2 else 0
-        if "num_rows" in f.attrs and int(f.attrs["num_rows"]) != rep.rows:
-            rep.problems.append(f"'num_rows' says {int(f.attrs['num_rows'])} but 'index' has {rep.rows}")
-        if "skipped_index" in f:
-            rep.skipped = f["skipped_index"].shape[0]
-            if "skipped_reason" not in f or f["skipped_reason"].shape[0] != rep.skipped:
-                rep.problems.append("'skipped_index' and 'skipped_reason' differ in length")
-        elif settings:
-            rep.problems.append("missing dataset: skipped_index")
-        values, counts = np.unique(np.array(ids, dtype=object), return_counts=True) if ids else ([], [])
-        repeated = {str(v) for v, c in zip(values, counts) if c > 1}
-        expected = set(_strings(f["duplicate_index"])) if "duplicate_index" in f else set()
-        if repeated - expected:
-            some = sorted(repeated - expected)
-            rep.problems.append(f"{len(some)} repeated ID(s), e.g. {', '.join(some[:3])}")
-        if repeated & expected:
-            rep.warnings.append(f"{len(repeated & expected)} ID(s) repeated as in the input itself "
-                                f"(see 'duplicate_index')")
-        check_features(f, rep, local=settings.get("pooling") == "local")
     return rep
+
+
+def check_open_file(f, rep: Report) -> None:
+    """The per-file checks on an open HDF5 file."""
+    missing = [d for d in ("index", "features") if d not in f]
+    if missing:
+        rep.problems.append(f"missing dataset(s): {', '.join(missing)}")
+        return
+    if not bool(f.attrs.get("complete", False)):
+        rep.problems.append("not marked complete")
+    settings = {}
+    if "ilias_ray_settings" in f.attrs:
+        settings = json.loads(f.attrs["ilias_ray_settings"])
+        rep.run = json.loads(f.attrs.get("run", "{}"))
+    else:
+        rep.problems.append("settings not recorded (no 'ilias_ray_settings' attribute)")
+    ids = _strings(f["index"])
+    rep.rows = len(ids)
+    rep.dtype = str(f["features"].dtype)
+    rep.dim = int(f["features"].shape[1]) if f["features"].ndim == 2 else 0
+    if "num_rows" in f.attrs and int(f.attrs["num_rows"]) != rep.rows:
+        rep.problems.append(f"'num_rows' says {int(f.attrs['num_rows'])} but 'index' has {rep.rows}")
+    if "skipped_index" in f:
+        rep.skipped = f["skipped_index"].shape[0]
+        if "skipped_reason" not in f or f["skipped_reason"].shape[0] != rep.skipped:
+            rep.problems.append("'skipped_index' and 'skipped_reason' differ in length")
+    elif settings:
+        rep.problems.append("missing dataset: skipped_index")
+    values, counts = np.unique(np.array(ids, dtype=object), return_counts=True) if ids else ([], [])
+    repeated = {str(v) for v, c in zip(values, counts) if c > 1}
+    expected = set(_strings(f["duplicate_index"])) if "duplicate_index" in f else set()
+    if repeated - expected:
+        some = sorted(repeated - expected)
+        rep.problems.append(f"{len(some)} repeated ID(s), e.g. {', '.join(some[:3])}")
+    if repeated & expected:
+        rep.warnings.append(f"{len(repeated & expected)} ID(s) repeated as in the input itself "
+                            f"(see 'duplicate_index')")
+    check_features(f, rep, local=settings.get("pooling") == "local")
 
 
 def chunk_gaps(reports: list, dataset_tars=None) -> list:
@@ -141,23 +145,26 @@ def chunk_gaps(reports: list, dataset_tars=None) -> list:
 
 
 def count_tars(dataset_dir):
-    if not dataset_dir or not os.path.isdir(dataset_dir):
+    """Shards in the run's recorded --dataset_dir, or None where it cannot be listed from here."""
+    if not dataset_dir:
         return None
-    return sum(1 for n in os.listdir(dataset_dir) if n.endswith(".tar"))
+    try:
+        return sum(1 for n, info in Location.of(dataset_dir).list()
+                   if n.endswith(".tar") and info.type == pafs.FileType.File)
+    except UserError:
+        return None
 
 
 def verify(hdf5_dir: str, out=print) -> int:
     """Print the table; return the exit status (0: no problem, 1: problems)."""
-    from ilias_ray.config import UserError
-
-    if not os.path.isdir(hdf5_dir):
-        raise UserError(f"--hdf5_dir {hdf5_dir} is not a directory")
-    names = sorted(os.listdir(hdf5_dir))
-    files = [n for n in names if n.endswith(".hdf5")]
-    unfinished = [n for n in names if n.endswith((".hdf5.partial", ".hdf5.parts"))]
+    where = Location.of(hdf5_dir)
+    where.check_dir("--hdf5_dir")
+    listing = sorted(where.list())
+    files = [n for n, info in listing if n.endswith(".hdf5") and info.type == pafs.FileType.File]
+    unfinished = [n for n, _ in listing if n.endswith((".hdf5.partial", ".hdf5.parts"))]
     if not files and not unfinished:
-        raise UserError(f"no .hdf5 files in {hdf5_dir}")
-    reports = [check_file(os.path.join(hdf5_dir, n)) for n in files]
+        raise UserError(f"no .hdf5 files in {where}")
+    reports = [check_file(where / n) for n in files]
     general = [f"unfinished run: {n} (rerun the same command to complete it)" for n in unfinished]
     general += chunk_gaps(reports, count_tars)
 

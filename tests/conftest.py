@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+# Object storage: moto's S3 server on 127.0.0.1 (started by the `s3_server` fixture), set here,
+# before any Ray process starts, so that every worker inherits the endpoint and the dummy keys.
+from s3 import free_port, start_moto  # noqa: E402
+
+MOTO_PORT = free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{MOTO_PORT}", AWS_ACCESS_KEY_ID="moto-test-key",
+                  AWS_SECRET_ACCESS_KEY="moto-test-secret-not-real", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
+# Checkpoints read from a bucket are cached here, not in the user's ~/.cache.
+os.environ.setdefault("ILIAS_RAY_CACHE_DIR", tempfile.mkdtemp(prefix="ilias-ray-test-cache-"))
 
 VIT = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
@@ -17,10 +29,39 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        # address="local": always a fresh cluster, never one a `ray start` left behind.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # address="local": always a fresh cluster, never one a `ray start` left behind. Workers' and
+        # Ray's own log lines are not sent to this process: they arrive late, in whichever test
+        # runs then, and would break its one-line-error checks (runs in subprocesses still see them).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server, one per test session; AWS_ENDPOINT_URL already points at it."""
+    proc = start_moto(MOTO_PORT)
+    yield MOTO_PORT
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+# A run slow enough to be stopped part-way (TTA at 160 px, small batches, one decode task).
+KILL_OPTS = dict(partition="distractors", model=VIT, pretrained=False, resolution=160, multiscale=True,
+                 multirotate=True, batch_size=4, webdl_batch_size=4, num_workers=1)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(ray_cluster, sample, tmp_path_factory):
+    """The file of an uninterrupted KILL_OPTS run over the sample's shards: what every interrupted,
+    faulted or resumed run must reproduce."""
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import run
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
+    return out / "features_distractors_00000.hdf5"
 
 
 @pytest.fixture(scope="session")

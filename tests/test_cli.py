@@ -11,8 +11,8 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import KILL_OPTS
 
-from conftest import VIT
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
 
@@ -51,17 +51,6 @@ def test_reference_readme_command(ray_cluster, sample, tmp_path):
     assert "[features_image_queries.hdf5]" in p.stdout and "summary: 1 file(s) written" in p.stdout
     with h5py.File(tmp_path / "features_image_queries.hdf5") as f:
         assert f["features"].shape == (sample["n_queries"], 1024) and f["features"].dtype == np.float16
-
-
-KILL_OPTS = dict(partition="distractors", model=VIT, pretrained=False, resolution=160, multiscale=True,
-                 multirotate=True, batch_size=4, webdl_batch_size=4, num_workers=1)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, sample, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
-    return out / "features_distractors_00000.hdf5"
 
 
 def assert_same_file(path, ref):

@@ -9,10 +9,11 @@ import pyarrow as pa
 
 from ilias_ray.plan import Unit
 from ilias_ray.read import MARKER, SKIP, TAR_IMAGE, read_tar
+from ilias_ray.storage import Location
 
 
 def rows_of(path, selected=None):
-    unit = Unit(uid=3, out=0, kind="tar", name=path.name, path=str(path), size=path.stat().st_size)
+    unit = Unit(uid=3, out=0, kind="tar", name=path.name, src=Location.of(str(path)), size=path.stat().st_size)
     return pa.concat_tables(list(read_tar(unit, selected))).to_pylist()
 
 
@@ -32,7 +33,7 @@ def test_tar_samples_in_member_order(sample):
     assert all(kinds[i] == SKIP for i in sample["nonimage_ids"])
     assert sum(k == TAR_IMAGE for k in kinds.values()) == len(keys) - len(sample["nonimage_ids"])
     assert rows[-1]["kind"] == MARKER and rows[-1]["pos"] == len(keys)
-    assert json.loads(rows[-1]["note"]) == {"end": "eof", "duplicates": []}
+    assert json.loads(rows[-1]["note"]) == {"end": "eof", "duplicates": [], "retries": 0}
 
 
 def test_truncated_and_not_a_tar(sample, tmp_path):

@@ -10,13 +10,14 @@ import numpy as np
 from ilias_ray.plan import finished_units, seq_id
 from ilias_ray.read import IMAGE, MARKER, SKIP, marker_note
 from ilias_ray.sink import Sink
+from ilias_ray.storage import Location
 
 D = 8
 SETTINGS = {"x": 1}
 
 
 def spec(tmp_path, units):
-    return {"name": "f.hdf5", "path": str(tmp_path / "f.hdf5"), "settings": SETTINGS, "units": units}
+    return {"name": "f.hdf5", "dir": Location.of(str(tmp_path)), "settings": SETTINGS, "units": units}
 
 
 RUN = {"dtype": "float16", "compression": 0, "local": False, "run_settings": {}}
@@ -78,9 +79,10 @@ def test_a_new_sink_resumes_from_finished_units(tmp_path):
     first(batch([(2, p, IMAGE) for p in range(3)] + [(2, 3, MARKER)]))
     first(batch([(1, 0, IMAGE)]))  # unit 1 is in flight when the run dies
     del first
-    records = finished_units(str(tmp_path / "f.hdf5"), SETTINGS)
+    parts = Location.of(str(tmp_path)) / "f.hdf5.parts"
+    records = finished_units(parts, SETTINGS)
     assert sorted(records) == [0, 2] and records[0]["rows"] == 5
-    assert finished_units(str(tmp_path / "f.hdf5"), {"x": 2}) == {}  # other settings: start over
+    assert finished_units(parts, {"x": 2}) == {}  # other settings: start over
     resumed = [(u[0], u[1], u[2], u[3], records.get(k)) for k, u in enumerate(units)]
     second = Sink([spec(tmp_path, resumed)], RUN)
     second(batch([(1, p, IMAGE) for p in range(2)] + [(1, 2, MARKER)]))
@@ -109,7 +111,7 @@ def test_progress_lines(capsys):
     row = lambda rows, frac, done: {  # noqa: E731
         "out": np.array([0]), "rows": np.array([rows]), "skipped": np.array([1]),
         "fraction": np.array([frac]), "finished": np.array([done]), "truncated": np.array([0]),
-        "duplicates": np.array([0])}
+        "duplicates": np.array([0]), "retries": np.array([0])}
     p.update(row(99, 0.25, False))
     p.update(row(399, 1.0, True))
     lines = capsys.readouterr().out.splitlines()
@@ -117,4 +119,4 @@ def test_progress_lines(capsys):
     assert "img/s" in lines[0] and "25.0%  ETA " in lines[0]
     assert lines[1].endswith("done")
     assert p.totals() == {"rows": 399, "skipped": 1, "finished": ["features_distractors_00000.hdf5"],
-                          "truncated_shards": 0, "input_duplicates": 0}
+                          "truncated_shards": 0, "input_duplicates": 0, "read_retries": 0}
