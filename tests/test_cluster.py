@@ -38,7 +38,10 @@ def test_cluster_yaml_passes_rays_own_validation():
     assert types["head"]["resources"] == {"CPU": 0}  # driver and sink only
     assert types["gpu_worker"]["min_workers"] == 0
     assert types["gpu_worker"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
-    assert any("ilias-ray" in c and "pip install" in c for c in prepared["setup_commands"])
+    # The project's own image carries the pinned deps: no node pip-installs anything when it starts.
+    assert prepared["docker"]["image"].rsplit("/", 1)[-1].startswith("ilias-ray:")
+    setup = prepared["setup_commands"] + prepared["head_setup_commands"] + prepared["worker_setup_commands"]
+    assert not any("pip install" in c for c in setup)
     head = " ".join(prepared["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
     broken = dict(config, available_node_types={"head": {"node_config": {}, "resources": {}, "bogus": 1}})
@@ -47,7 +50,8 @@ def test_cluster_yaml_passes_rays_own_validation():
 
 
 def test_rayjob_manifest():
-    job = yaml.safe_load((ROOT / "jobs" / "rayjob.yaml").read_text())
+    docs = list(yaml.safe_load_all((ROOT / "jobs" / "rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
     assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
     assert "jobs/extract_model.py" in spec["entrypoint"]
