@@ -15,7 +15,16 @@
 min(a * cpus, b); on a CPU, where the model uses the same cores, 1 / (1 / (a * cpus) + 1 / b),
 with (b) the better of one process on all cores and one thread's rate times the cores.
 `--memory` also runs `ilias-ray extract` at two chunk sizes (images per output file) and reports
-the peak private memory of its driver and of each kind of Ray worker. Prints a table; --json writes it.
+the peak private memory of its driver and of each kind of Ray worker.
+`--s3` also measures read floors (bench/s3_read.py): images/s of the real read stage (`read_tar`)
+over the same shards from their local directory and from a local S3 server (moto's, its own
+process, shards uploaded to s3://ilias-bench/yfcc/), alone and followed by `decode_batch` (the
+pipeline's fused read+decode task), in one process and in one process per CPU on disjoint shards;
+best of 3, local and S3 repeats alternating; the S3/local ratios and the server's CPU seconds.
+Shards should be several times storage.CHUNK (8 MiB): --per_shard 1000 gives about 36 MB.
+`--only read` runs just those read floors (local only without --s3). Prints a table; --json writes it.
+
+    .venv/bin/python bench/bench.py --s3 --only read --images 4000 --per_shard 1000
 """
 
 import argparse
@@ -29,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -266,6 +276,9 @@ def main() -> int:
     p.add_argument("--memory", action="store_true", help="also run the job at two chunk sizes (peak memory)")
     p.add_argument("--variants", action="store_true",
                    help="also measure the model stage and the pixel transfer with each CPU choice switched off")
+    p.add_argument("--s3", action="store_true",
+                   help="also measure read floors from a local S3 server (moto) next to the local ones")
+    p.add_argument("--only", choices=["read"], default=None, help="read: run only the read floors")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ilias_ray_bench"))
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -286,6 +299,11 @@ def main() -> int:
     c = dataclasses.asdict(cfg)
     cpus = os.cpu_count()
     gpu = torch.cuda.is_available()
+    reads = read_floors(shards, c, args.s3) if args.s3 or args.only == "read" else {}
+    if args.only == "read":
+        res = {"machine": f"{platform.processor() or platform.machine()}, {cpus} CPUs",
+               "images": args.images, **reads}
+        return report(res, args.json)
     data = jpegs(shards)
     a, arrays = decode_floor(data, c)
     # On a CPU the job runs one single-threaded model process per core: the floor is the better of
@@ -299,7 +317,7 @@ def main() -> int:
                    + (f", {torch.cuda.get_device_name(0)}" if gpu else ", no GPU"),
         "images": len(data), "model": args.model, "resolution": args.resolution,
         "decode_floor_per_core": round(a, 1), "decode_floor_all_cpus": round(a * cpus, 1),
-        "model_floor": round(b, 1), "ideal": round(ideal, 1),
+        "model_floor": round(b, 1), "ideal": round(ideal, 1), **reads,
     }
     if not gpu:
         res["model_floor_one_thread"] = round(b1, 1)
@@ -334,13 +352,45 @@ def main() -> int:
         for per_file in (1, len(shards)):
             res[f"peak_uss_mib_{per_file * args.per_shard}_images_per_file"] = job_memory(
                 shard_dir, os.path.join(out_dir, f"mem{per_file}"), per_file, args)
+    return report(res, args.json)
+
+
+def report(res: dict, path: Optional[str] = None) -> int:
     width = max(map(len, res))
     for k, v in res.items():
         print(f"{k.ljust(width)}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def read_floors(shards: list, c: dict, s3: bool) -> dict:
+    """The read floors of bench/s3_read.py, from the local directory and, with `s3`, from a moto
+    server started (and stopped) here, the shards uploaded to it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import s3_read
+
+    if not s3:
+        return s3_read.read_floors(shards, c)
+    if os.path.getsize(shards[0]) < 3 * s3_read.CHUNK:
+        print(f"note: shards of {os.path.getsize(shards[0]) / 1e6:.1f} MB are under three {s3_read.CHUNK >> 20} MiB "
+              "ranges; --per_shard 1000 gives about 36 MB", file=sys.stderr)
+    port = s3_read.free_port()
+    env = s3_read.aws_env(port)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before this process or the workers make an S3 client
+    moto = s3_read.start_moto(port)
+    try:
+        uri = s3_read.upload(shards)
+        return s3_read.read_floors(shards, c, uri, moto.pid)
+    finally:
+        s3_read.stop(moto)
+        for k, v in saved.items():  # the rest of the run (its Ray workers) sees the caller's environment
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":
