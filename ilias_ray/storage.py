@@ -199,13 +199,17 @@ class Location:
                 break
         return out
 
+    def _open(self):
+        """The object as a pyarrow random-access file (its size known from the start)."""
+        return retry(lambda: self.fs.open_input_file(self.path), self)
+
     def open_reader(self) -> io.BufferedReader:
         """A buffered, front-to-back reader (ranged reads in flight, each retried on failure)."""
-        f = retry(lambda: self.fs.open_input_file(self.path), self)
+        f = self._open()
         return io.BufferedReader(ObjectReader(f, self), buffer_size=1 << 20)
 
     def read_bytes(self) -> bytes:
-        f = retry(lambda: self.fs.open_input_file(self.path), self)
+        f = self._open()
         size = f.size()
         if size <= CHUNK:  # one request, no read-ahead
             return retry(lambda: ObjectReader.get(f, 0, size), self) if size else b""
@@ -214,7 +218,7 @@ class Location:
 
     def probe(self) -> None:
         """Read the first byte: a denied or failing read shows before any work starts."""
-        f = retry(lambda: self.fs.open_input_file(self.path), self)
+        f = self._open()
         if f.size():
             retry(lambda: f.read_at(1, 0), self)
 
@@ -234,7 +238,7 @@ class Location:
             with h5py.File(self.path, "r") as f:
                 yield f
         else:  # HDF5 reads many small pieces: serve them from CHUNK-sized ranged reads
-            raw = RangeFile(retry(lambda: self.fs.open_input_file(self.path), self), self)
+            raw = RangeFile(self._open(), self)
             with io.BufferedReader(raw, buffer_size=CHUNK) as buffered, h5py.File(buffered, "r") as f:
                 yield f
 
