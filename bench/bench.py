@@ -131,8 +131,8 @@ class PeakMemory:
              ("raylet", "raylet"), ("gcs_server", "gcs"))
 
     def __init__(self, pid: int, every: float = 0.3):
-        import ray  # noqa: F401  (Ray puts its bundled psutil on the path)
         import psutil
+        import ray  # noqa: F401  (Ray puts its bundled psutil on the path)
 
         self.me = psutil.Process(pid)
         self.peak = defaultdict(int)

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from s3 import make_bucket, s3  # noqa: E402
+from s3 import free_port, make_bucket, s3, start_moto  # noqa: E402, F401 - bench.py starts the server with these
 from s3 import upload as copy_up  # noqa: E402
 
 from ilias_ray.storage import CHUNK  # noqa: E402
