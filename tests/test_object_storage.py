@@ -166,7 +166,8 @@ def test_connections_cut_mid_transfer(ray_cluster, s3_server, sample, bucket, tm
     completes; either way the file equals the run on local files."""
     opts = dict(SMALL, partition="distractors")
     run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path / "ref"), **opts))
-    # More cuts in a row than the S3 client's own 3 tries per request: ilias-ray's retries must act.
+    # 16 resets of responses past 20 KiB (shard reads). The S3 client retries a reset request itself for
+    # about 6 s; the two tests below take ilias-ray's own retries past that.
     proxy = CuttingProxy(s3_server, cuts=16, after=20 << 10)
     try:
         via = endpoint_query(proxy.port)
