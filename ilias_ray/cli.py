@@ -48,7 +48,10 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     a("--tar_batch_size", type=int, default=10, help="shards per distractor HDF5 file")
     a("--num_workers", type=int, default=8, help="concurrent decode tasks")
     a("--store_fp16", type=_bool, default=True)
-    a("--selected_ids", default=None, help="file with one ID per line (mini-ILIAS, uned)")
+    a("--selected_ids", default=None,
+      help="file or URI with one ID per line (mini-ILIAS, uned); a line may have more comma-separated columns: "
+           "only the first one is the ID. For folder partitions an ID is a path below --dataset_dir (no absolute "
+           "paths, no '..'); for distractors a tar key or SHARD.tar/KEY")
     # ilias-ray additions
     a("--skip_missing", type=_bool, default=False,
       help="files listed in --selected_ids that do not exist are recorded as skipped instead of failing the run")

@@ -7,7 +7,6 @@ SKIP and MARKER rows pass through untouched.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import numpy as np
@@ -71,8 +70,6 @@ class Embedder:
         self.autocast = self.device.type == "cuda" and cfg["comp_fp16"]
         self.out_dtype = np.float16 if cfg["store_fp16"] else np.float32
         self.fits = {}  # (h, w) -> the batch size that fit after an out-of-memory error
-        # Tests inject out-of-memory errors above this many images per forward pass.
-        self.fake_oom_above = int(os.environ.get("ILIAS_RAY_FAKE_OOM_ABOVE", "0"))
 
     def set_channels_last(self, on: bool) -> None:
         self.channels_last = on
@@ -103,8 +100,7 @@ class Embedder:
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor, mask=None) -> torch.Tensor:
         """(b, H, W, 3) uint8 -> (b, D) (or (b, n, D) for local) L2-normalised float32."""
-        if self.fake_oom_above and len(pixels) > self.fake_oom_above:
-            raise torch.OutOfMemoryError(f"injected: {len(pixels)} > {self.fake_oom_above} images")
+        faults.hit("forward", n=len(pixels))  # tests: ILIAS_RAY_FAULT=forward:oom>N
         m = self.chunk(pixels.shape[1:3])
         if len(pixels) > m:
             return torch.cat([self.embed_pixels(pixels[i : i + m], None if mask is None else mask[i : i + m])

@@ -1,29 +1,71 @@
-"""Fault injection for tests, off unless ILIAS_RAY_FAULT is set.
+"""Fault injection for tests. Inert in production: nothing here acts unless ILIAS_RAY_TESTING=1.
 
 ILIAS_RAY_FAULT="SITE:ACTION[,SITE:ACTION...]" makes `hit(SITE)` do ACTION:
   raise   raise RuntimeError (a bug or a flaky library in that stage)
   exit    end the process at once, as a crash or an out-of-memory kill would
   enospc  raise OSError(ENOSPC), as a full disk would
   sleep   sleep 30 s (gives a test time to kill the run at that point)
+  oom>N   raise torch's OutOfMemoryError when the call handles more than N images
 With ILIAS_RAY_FAULT_ONCE=PATH a fault fires once in the whole run, across processes and actor
-restarts: the first process to create PATH fires it, later ones see PATH and go on.
-Sites: embed (a model batch), sink_write (a row written), assemble (building the final file).
+restarts: the first process to create PATH.SITE fires it, later ones see it and go on.
+Sites: embed (a model batch), forward (one forward pass), sink_write (a row written),
+assemble (building the final file).
+
+The driver checks the setting once before any Ray work (`check`): a malformed value is one
+line there, not a failure in every actor; a setting without the test switch is ignored, and
+the run says so.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import time
+from typing import Optional
+
+SITES = ("embed", "forward", "sink_write", "assemble")
+ACTION = re.compile(r"^(raise|exit|enospc|sleep|oom>(\d+))$")
 
 
-def hit(site: str) -> None:
+def active() -> bool:
+    return os.environ.get("ILIAS_RAY_TESTING") == "1" and bool(os.environ.get("ILIAS_RAY_FAULT"))
+
+
+def parse(spec: str) -> list:
+    """[(site, action, N)] of an ILIAS_RAY_FAULT value; ValueError with one line if malformed."""
+    out = []
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        site, _, action = item.partition(":")
+        m = ACTION.match(action)
+        if site not in SITES or not m:
+            raise ValueError(f"ILIAS_RAY_FAULT: {item!r} is not SITE:ACTION (sites: {', '.join(SITES)}; "
+                             "actions: raise, exit, enospc, sleep, oom>N)")
+        out.append((site, action.split(">")[0], int(m.group(2) or 0)))
+    return out
+
+
+def check() -> Optional[str]:
+    """On the driver: raise UserError for a malformed setting; a notice if it will be ignored."""
+    from ilias_ray.config import UserError
+
     spec = os.environ.get("ILIAS_RAY_FAULT")
     if not spec:
+        return None
+    if os.environ.get("ILIAS_RAY_TESTING") != "1":
+        return "ilias-ray: ILIAS_RAY_FAULT is ignored: fault injection acts only in tests (ILIAS_RAY_TESTING=1)"
+    try:
+        parse(spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return None
+
+
+def hit(site: str, n: int = 0) -> None:
+    if not active():
         return
-    for item in spec.split(","):
-        where, _, action = item.partition(":")
-        if where != site or not _first(site):
+    for where, action, limit in parse(os.environ["ILIAS_RAY_FAULT"]):
+        if where != site or (action == "oom" and n <= limit) or not _first(site):
             continue
         if action == "raise":
             raise RuntimeError(f"injected fault at {site}")
@@ -33,6 +75,10 @@ def hit(site: str) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {site})")
         if action == "sleep":
             time.sleep(30)
+        if action == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected at {site}: {n} > {limit} images")
 
 
 def _first(site: str) -> bool:

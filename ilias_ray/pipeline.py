@@ -6,6 +6,7 @@ pixels go to the model actors, and only features reach the sink actor.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ilias_ray import models
+from ilias_ray import faults, models
 from ilias_ray.config import Config
 from ilias_ray.plan import Plan, make_plan, prepare_output_dir
 from ilias_ray.storage import Location, redact
@@ -35,6 +36,16 @@ def fmt_eta(seconds: float) -> str:
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+def job_env_vars() -> dict:
+    """The env_vars of the runtime env this driver was submitted with (`ray job submit
+    --runtime-env-json`), from what Ray hands a job's entrypoint; {} outside a job."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 _STARTED = []  # set when this process connected to Ray (a caller's own connection is left alone)
 
 
@@ -47,8 +58,11 @@ def init_ray(cfg: Config):
         kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
         # ILIAS_RAY_* settings (debugging, test fault injection) and the object store's endpoint and
         # region reach this job's workers on any cluster. Credentials never travel this way: each
-        # node takes its own from the standard places.
-        ours = {k: v for k, v in os.environ.items() if k.startswith("ILIAS_RAY_") or k in FORWARDED_ENV}
+        # node takes its own from the standard places. What a submitted job's own runtime env
+        # already sets reaches them anyway, and Ray refuses a driver that sets it again.
+        given = job_env_vars()
+        ours = {k: v for k, v in os.environ.items()
+                if (k.startswith("ILIAS_RAY_") or k in FORWARDED_ENV) and k not in given}
         if ours:
             kwargs["runtime_env"] = {"env_vars": ours}
         if address:
@@ -181,6 +195,9 @@ def run(cfg: Config) -> dict:
     """Run one extraction; returns the summary dict (also printed)."""
     t0 = time.time()
     cfg.validate()
+    notice = faults.check()
+    if notice:
+        say(notice)
     models.check(asdict(cfg))
     plan = make_plan(cfg)
     for name in plan.done:

@@ -91,6 +91,15 @@ def read_selected_ids(where: str) -> list:
     return ids
 
 
+def check_below(ids: list, where: str) -> None:
+    """Listed files are paths below --dataset_dir: an absolute path or a '..' would read outside."""
+    bad = [i for i in ids if i.startswith(("/", "\\")) or ".." in i.replace("\\", "/").split("/")]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"--selected_ids {Location.of(where)}: {bad[0]!r}{more} is not a path below --dataset_dir "
+                        "(no absolute paths, no '..')")
+
+
 def list_files(root: Location, recursive: bool = True) -> dict:
     """{path below root: size} of every file under root; None for an entry that is there but
     cannot be read (a broken link): using it is an error, never a smaller dataset."""
@@ -151,6 +160,7 @@ def _folder_items(cfg: Config) -> list:
     files = list_files(root)
     if cfg.selected_ids:
         rel = read_selected_ids(cfg.selected_ids)
+        check_below(rel, cfg.selected_ids)
     elif cfg.partition == "text_queries":
         rel = sorted(f for f in files if fnmatchcase(posixpath.basename(f), "T*.txt"))
     else:

@@ -72,7 +72,7 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(ray_c
     args = [f"--{k}={v}" for k, v in KILL_OPTS.items()]
     env = dict(os.environ)
     if point == "assembling":
-        env["ILIAS_RAY_FAULT"] = "assemble:sleep"  # the sink pauses half-way through the final copy
+        env.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:sleep")  # the sink pauses half-way through the copy
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
                                    "--address", address] + args, env=env,
@@ -115,7 +115,7 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
     """An exception (retried in the actor) or a crash (Ray restarts the actor and resends the batch),
     injected once: every row is written exactly once, as in an uninterrupted run."""
     once = tmp_path / "fired"
-    env = dict(os.environ, ILIAS_RAY_FAULT=f"embed:{action}", ILIAS_RAY_FAULT_ONCE=str(once))
+    env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"embed:{action}", ILIAS_RAY_FAULT_ONCE=str(once))
     address = ray_cluster.get_runtime_context().gcs_address
     p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address,
             *[f"--{k}={v}" for k, v in KILL_OPTS.items()], env=env)
@@ -127,7 +127,7 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
 
 
 def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, sample, tmp_path):
-    env = dict(os.environ, ILIAS_RAY_FAULT="sink_write:enospc")
+    env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="sink_write:enospc")
     address = ray_cluster.get_runtime_context().gcs_address
     p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address,
             "--partition", "distractors", "--model", "resnet18", "--pretrained", "false", "--resolution", "64",

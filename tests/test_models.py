@@ -303,19 +303,20 @@ def test_weights_load_once_per_actor(monkeypatch):
 def test_out_of_memory_halves_the_batch_and_remembers(monkeypatch):
     import numpy as np
 
-    monkeypatch.setenv("ILIAS_RAY_FAKE_OOM_ABOVE", "3")  # any forward pass of more than 3 images "runs out"
     emb = Embedder(cfg("timm", "resnet18", batch_size=16))
     ref = Embedder(cfg("timm", "resnet18", batch_size=16))
-    ref.fake_oom_above = 0
     imgs = torch.randint(0, 256, (10, 20, 30, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     batch = {"seq": np.arange(10), "out": np.zeros(10, np.int32), "unit": np.zeros(10, np.int32),
              "pos": np.arange(10), "id": np.array([str(i) for i in range(10)], dtype=object),
              "kind": np.full(10, 5, np.int8), "note": np.array([""] * 10, dtype=object), "off": np.zeros(10),
              "h": np.full(10, 20), "w": np.full(10, 30), "img": objects([im.numpy() for im in imgs]),
              "mask": objects([np.zeros((0, 0), np.uint8)] * 10), "data": np.array([b""] * 10, dtype=object)}
+    want = ref(batch)["feat"]
+    monkeypatch.setenv("ILIAS_RAY_TESTING", "1")
+    monkeypatch.setenv("ILIAS_RAY_FAULT", "forward:oom>3")  # any forward pass of more than 3 images "runs out"
     got = emb(batch)
     assert emb.fits == {(20, 30): 2}  # 16 -> 8 -> 4 -> 2, remembered for this shape
-    assert list(got["feat"]) == list(ref(batch)["feat"])  # every row, same features
-    emb.fake_oom_above = 0
+    assert list(got["feat"]) == list(want)  # every row, same features
+    monkeypatch.delenv("ILIAS_RAY_FAULT")
     emb(batch)
     assert emb.fits == {(20, 30): 2}  # later batches of this shape start at the size that fit

@@ -1,0 +1,66 @@
+"""Safety rails: test-only switches are inert in production, and listed IDs stay inside the dataset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from ilias_ray import cli
+
+CLI = [sys.executable, "-m", "ilias_ray", "extract"]
+CNN = ["--model", "resnet18", "--pretrained", "false", "--resolution", "64"]
+
+
+def one_line(args, capsys) -> str:
+    capsys.readouterr()
+    rc = cli.main(args)
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
+    assert "extracting" not in out.out  # before any Ray work
+    return lines[0]
+
+
+def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, tmp_path):
+    """ILIAS_RAY_FAULT in a production environment does nothing (the run says it ignores it)."""
+    env = {k: v for k, v in os.environ.items() if k != "ILIAS_RAY_TESTING"}
+    env["ILIAS_RAY_FAULT"] = "sink_write:enospc"  # would fail the run's first write
+    address = ray_cluster.get_runtime_context().gcs_address
+    p = subprocess.run(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address,
+                              "--partition", "distractors", *CNN], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ILIAS_RAY_FAULT is ignored" in p.stdout and (tmp_path / "features_distractors_00000.hdf5").exists()
+
+
+def test_a_malformed_fault_setting_is_one_line_before_ray(sample, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ILIAS_RAY_TESTING", "1")
+    monkeypatch.setenv("ILIAS_RAY_FAULT", "embed:explode")
+    err = one_line(["extract", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), *CNN], capsys)
+    assert "ILIAS_RAY_FAULT: 'embed:explode' is not SITE:ACTION" in err
+
+
+def test_listed_files_cannot_leave_the_dataset_dir(sample, tmp_path, capsys):
+    """`..` or an absolute path in --selected_ids would read files outside --dataset_dir."""
+    core = tmp_path / "core"
+    shutil.copytree(sample["core"], core)
+    query = next(p for p in sorted(core.rglob("*.jpg")) if "quer" in str(p) and str(p).isascii())
+    shutil.copy(query, tmp_path / "private.jpg")  # beside the dataset, not in it
+    inside = query.relative_to(core).as_posix()
+    for bad in ("../private.jpg", f"{inside.split('/')[0]}/../../private.jpg", str(tmp_path / "private.jpg")):
+        ids = tmp_path / "ids.txt"
+        ids.write_text(f"{inside}\n{bad},some other column\n")
+        err = one_line(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(tmp_path / "out"), "--partition",
+                        "uned", "--selected_ids", str(ids), *CNN], capsys)
+        assert f"{bad!r} is not a path below --dataset_dir" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_says_only_the_first_column_is_the_id(capsys):
+    try:
+        cli.main(["extract", "--help"])
+    except SystemExit:
+        pass
+    text = " ".join(capsys.readouterr().out.split())
+    assert "only the first one is the ID" in text and "comma-separated" in text
