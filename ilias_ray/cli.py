@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--model", default=None)
     verify = sub.add_parser("verify", help="check every HDF5 file in a directory; non-zero exit on any problem")
     verify.add_argument("--hdf5_dir", required=True)
+    verify.add_argument("--strict", action="store_true",
+                        help="warnings (shards that ended early, files with 0 rows, IDs the input repeats) fail too")
     demo = sub.add_parser("demo", help="build a small ILIAS-shaped sample and extract every partition")
     demo.add_argument("--workdir", default="demo_output", help="where the sample and features go")
     demo.add_argument("--address", default=None)
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         elif args.command == "verify":
             from ilias_ray.verify import verify
 
-            return verify(args.hdf5_dir)
+            return verify(args.hdf5_dir, strict=args.strict)
         elif args.command == "demo":
             from ilias_ray.demo import run_demo
 

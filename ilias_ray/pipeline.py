@@ -202,6 +202,8 @@ def run(cfg: Config) -> dict:
     plan = make_plan(cfg)
     for name in plan.done:
         say(f"[{name}] already complete with the same settings: skipped")
+    for note in plan.notes:
+        say(note)
     summary = {"written": [], "already_done": plan.done, "rows": 0, "skipped": 0}
     if plan.outputs:
         prepare_output_dir(cfg, plan)

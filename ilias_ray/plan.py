@@ -77,6 +77,7 @@ class Plan:
     units: list  # all units of those outputs, by uid (those with a record are not read again)
     done: list  # names of outputs that are already complete with the same settings
     selected_keys: Optional[frozenset] = None  # distractor key filter
+    notes: list = field(default_factory=list)  # one line each, for the user, about skipped outputs
 
 
 def parts_location(out_dir: Location, name: str) -> Location:
@@ -203,21 +204,45 @@ def _tar_chunks(cfg: Config) -> tuple:
     return [(i + cfg.start_tar // b, sel[i * b : (i + 1) * b]) for i in range((len(sel) + b - 1) // b)], sizes
 
 
-def output_status(loc: Location, settings: dict) -> str:
-    """'missing', 'same' or a one-line description of how an existing output differs."""
+def library_versions() -> dict:
+    """The versions of what computes the numbers; every output file records them."""
+    import importlib.metadata as md
+
+    from ilias_ray import __version__
+
+    out = {"ilias_ray": __version__}
+    for pkg in ("torch", "torchvision", "timm", "open_clip_torch", "ray", "h5py", "pillow", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def output_status(loc: Location, settings: dict) -> tuple:
+    """('missing' | 'same' | a one-line description of how an existing output differs, the
+    library versions it records)."""
     if loc.info().type == pafs.FileType.NotFound:
-        return "missing"
+        return "missing", {}
     try:
         with loc.open_hdf5() as f:
             recorded = f.attrs.get("ilias_ray_settings")
             complete = bool(f.attrs.get("complete", False))
-    except OSError:
-        return "it is not a readable HDF5 file"
+            versions = json.loads(f.attrs.get("versions", "{}"))
+    except (OSError, ValueError):
+        return "it is not a readable HDF5 file", {}
     if recorded is None or not complete:
-        return "it records no ilias-ray settings (made by another tool?)"
+        return "it records no ilias-ray settings (made by another tool?)", versions
     old = json.loads(recorded)
     diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-    return "same" if not diff else "settings differ (" + "; ".join(diff) + ")"
+    return ("same" if not diff else "settings differ (" + "; ".join(diff) + ")"), versions
+
+
+def versions_note(recorded: dict) -> str:
+    """'' when `recorded` are this run's library versions, else what differs, in a few words."""
+    now = library_versions()
+    diff = [f"{k} {recorded.get(k, '?')} (now {v})" for k, v in now.items() if recorded.get(k) != v]
+    return f"made with {', '.join(diff)}" if diff else ""
 
 
 def finished_units(parts: Location, settings: dict) -> dict:
@@ -261,7 +286,9 @@ def make_plan(cfg: Config) -> Plan:
         groups = []
         for file_id, shards in chunks:
             name = f"{cfg.hdf5_name}_distractors_{file_id:05d}.hdf5"
-            groups.append((name, [("tar", s) for s in shards], dict(base, shards=shards)))
+            # A shard replaced by another of the same name must not pass for the one that was read.
+            settings = dict(base, shards=shards, shard_sizes=[sizes[s] for s in shards])
+            groups.append((name, [("tar", s) for s in shards], settings))
     else:
         selected, sizes = None, {}
         items = _folder_items(cfg)
@@ -270,11 +297,15 @@ def make_plan(cfg: Config) -> Plan:
         groups = [(name, [(kind, items)], dict(base, rows=len(items)))]
 
     out_dir = Location.of(cfg.hdf5_dir)
-    outputs, units, done = [], [], []
+    outputs, units, done, notes = [], [], [], []
     for name, sources, settings in groups:
-        status = output_status(out_dir / name, settings)
+        status, versions = output_status(out_dir / name, settings)
         if status == "same" and not cfg.overwrite:
             done.append(name)
+            other = versions_note(versions)
+            if other:
+                notes.append(f"[{name}] {other}: its numbers may differ slightly from this run's; "
+                             "pass --overwrite true to recompute it")
             continue
         if status not in ("missing", "same") and not cfg.overwrite:
             raise UserError(f"{out_dir / name} exists but {status}; pass --overwrite true to replace it")
@@ -290,7 +321,7 @@ def make_plan(cfg: Config) -> Plan:
             units.append(unit)
             out.units.append(uid)
         outputs.append(out)
-    plan = Plan(outputs=outputs, units=units, done=done, selected_keys=selected)
+    plan = Plan(outputs=outputs, units=units, done=done, selected_keys=selected, notes=notes)
     probe_inputs(plan)
     return plan
 

@@ -21,9 +21,9 @@ import shutil
 import h5py
 import numpy as np
 
-from ilias_ray import __version__, faults
+from ilias_ray import faults
 from ilias_ray.config import UserError, settings_json
-from ilias_ray.plan import PARTIAL_SUFFIX, PARTS_SUFFIX, fingerprint, parts_location
+from ilias_ray.plan import PARTIAL_SUFFIX, PARTS_SUFFIX, fingerprint, library_versions, parts_location
 from ilias_ray.read import MARKER, SKIP
 from ilias_ray.storage import Location
 
@@ -32,18 +32,6 @@ PROGRESS_COLUMNS = {"out": np.int32, "rows": np.int64, "skipped": np.int64, "fra
 COPY_ROWS = 8192  # rows per block when assembling the HDF5 file
 ASCII = h5py.string_dtype("ascii")
 UTF8 = h5py.string_dtype("utf-8")
-
-
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"ilias_ray": __version__}
-    for pkg in ("torch", "torchvision", "timm", "open_clip_torch", "ray", "h5py", "pillow", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _append(ds, values) -> None:

@@ -2,8 +2,9 @@
 
 Checks per file: marked complete, datasets present, row counts agree, IDs unique (IDs the input
 itself repeats, recorded in `duplicate_index`, are warnings), no NaN/inf, unit-norm vectors,
-settings recorded. Across files: distractor chunk numbers have no gaps in the recorded shard
-range, and no run was left unfinished (`.partial` files, `.parts` folders).
+settings recorded; warnings for a unit (shard) that ended early and for a file with 0 rows.
+Across files: distractor chunk numbers have no gaps in the recorded shard range, and no run was
+left unfinished (`.partial` files, `.parts` folders). `--strict` makes warnings fail too.
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def check_open_file(f, rep: Report) -> None:
         rep.warnings.append(f"{len(repeated & expected)} ID(s) repeated as in the input itself "
                             f"(see 'duplicate_index')")
     check_features(f, rep, local=settings.get("pooling") == "local")
+    for unit in json.loads(f.attrs.get("units", "[]")):
+        if unit.get("end", "eof") != "eof":
+            rep.warnings.append(f"unit {unit.get('name')} ended early ({unit['end']}): "
+                                "its rows before the break are kept")
+    if rep.rows == 0:
+        rep.warnings.append("0 rows")
 
 
 def chunk_gaps(reports: list, dataset_tars=None) -> list:
@@ -155,8 +162,8 @@ def count_tars(dataset_dir):
         return None
 
 
-def verify(hdf5_dir: str, out=print) -> int:
-    """Print the table; return the exit status (0: no problem, 1: problems)."""
+def verify(hdf5_dir: str, out=print, strict: bool = False) -> int:
+    """Print the table; return the exit status (0: no problem, 1: problems, or warnings if strict)."""
     where = Location.of(hdf5_dir)
     where.check_dir("--hdf5_dir")
     listing = sorted(where.list())
@@ -183,5 +190,7 @@ def verify(hdf5_dir: str, out=print) -> int:
     for p in general:
         out(f"problem: {p}")
     n_problems = sum(len(r.problems) for r in reports) + len(general)
-    out(f"verify: {len(reports)} file(s), {n_problems} problem(s), {sum(len(r.warnings) for r in reports)} warning(s)")
-    return 1 if n_problems else 0
+    n_warnings = sum(len(r.warnings) for r in reports)
+    out(f"verify: {len(reports)} file(s), {n_problems} problem(s), {n_warnings} warning(s)"
+        + (" (--strict: warnings fail)" if strict and n_warnings and not n_problems else ""))
+    return 1 if n_problems or (strict and n_warnings) else 0

@@ -109,3 +109,24 @@ def test_each_problem_is_found(clean, tmp_path, edit, telltale):
 def test_not_a_directory_is_one_line(tmp_path):
     p = verify(tmp_path / "missing")
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not a directory" in p.stderr
+
+
+def test_units_that_ended_early_and_empty_files_are_warnings_strict_fails(ray_cluster, sample, tmp_path):
+    """A shard cut short and a file with no rows pass, with a warning naming them; --strict fails."""
+    import tarfile
+
+    shards = tmp_path / "yfcc"
+    shards.mkdir()
+    data = (sample["yfcc"] / "00001.tar").read_bytes()
+    (shards / "a.tar").write_bytes(data[: len(data) // 2])  # truncated part-way
+    tarfile.open(shards / "b.tar", "w").close()  # a valid tar with nothing in it
+    out = tmp_path / "out"
+    run(Config(dataset_dir=str(shards), hdf5_dir=str(out), partition="distractors", tar_batch_size=1,
+               model="resnet18", pretrained=False, resolution=64))
+    p = verify(out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "warning: features_distractors_00000.hdf5: unit a.tar ended early (truncated" in p.stdout
+    assert "warning: features_distractors_00001.hdf5: 0 rows" in p.stdout
+    assert p.stdout.splitlines()[-1] == "verify: 2 file(s), 0 problem(s), 2 warning(s)"
+    strict = subprocess.run(CLI + [str(out), "--strict"], capture_output=True, text=True, timeout=120)
+    assert strict.returncode == 1 and "(--strict: warnings fail)" in strict.stdout

@@ -1,0 +1,102 @@
+"""Resume and reruns do not trust what they cannot see: part files are checked against their
+records, a shard's size is part of the settings, other library versions are said, and every
+rename is made durable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import KILL_OPTS
+
+from ilias_ray.config import Config, UserError
+from ilias_ray.pipeline import run
+
+CLI = [sys.executable, "-m", "ilias_ray", "extract"]
+
+
+def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sample, tmp_path, uninterrupted):
+    """Every shard is finished but the run dies while assembling; one part file is then damaged.
+    The rerun redoes that shard, instead of crashing in assembly or copying the damage."""
+    out = tmp_path / "out"
+    parts = out / (uninterrupted.name + ".parts")
+    args = ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
+            "--address", ray_cluster.get_runtime_context().gcs_address] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:raise")
+    p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and sorted(q.name for q in parts.glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
+    feat = parts / "0.feat"
+    feat.write_bytes(feat.read_bytes()[:-10])  # a torn write the record does not describe
+    p = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming: 2 of 3 unit(s) already done" in p.stdout
+    with h5py.File(out / uninterrupted.name) as a, h5py.File(uninterrupted) as b:
+        assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
+        np.testing.assert_allclose(a["features"][()].astype(np.float32), b["features"][()].astype(np.float32),
+                                   atol=1e-3)
+
+
+def test_other_library_versions_are_said_and_a_replaced_shard_is_refused(ray_cluster, sample, tmp_path, capsys):
+    shards = tmp_path / "yfcc"
+    shards.mkdir()
+    for s in sorted(sample["yfcc"].glob("*.tar"))[:2]:
+        (shards / s.name).write_bytes(s.read_bytes())
+    opts = dict(dataset_dir=str(shards), hdf5_dir=str(tmp_path / "out"), partition="distractors", model="resnet18",
+                pretrained=False, resolution=64)
+    run(Config(**opts))
+    name = "features_distractors_00000.hdf5"
+    with h5py.File(tmp_path / "out" / name, "r+") as f:
+        versions = json.loads(f.attrs["versions"])
+        f.attrs["versions"] = json.dumps(dict(versions, torch="0.0.1"))
+    capsys.readouterr()
+    s = run(Config(**opts))
+    said = capsys.readouterr().out
+    assert s["already_done"] == [name]  # the same settings: kept, but the user is told
+    assert f"[{name}] made with torch 0.0.1 (now {versions['torch']})" in said and "--overwrite true" in said
+    with open(shards / "00001.tar", "ab") as f:  # another shard under the same name
+        f.write(b"\0" * 10240)
+    with pytest.raises(UserError, match="shard_sizes"):
+        run(Config(**opts))
+
+
+def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    """A rename is durable only once its directory is fsynced (filesystems without ordered metadata)."""
+    from test_sink import batch, spec
+
+    from ilias_ray.read import IMAGE, MARKER
+    from ilias_ray.sink import Sink
+
+    events, dirs = [], {}
+    real_replace, real_open, real_fsync = os.replace, os.open, os.fsync
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        events.append(("rename", os.path.dirname(os.path.abspath(dst))))
+
+    def open_(path, flags, *a, **kw):
+        fd = real_open(path, flags, *a, **kw)
+        if os.path.isdir(path):
+            dirs[fd] = os.path.abspath(path)
+        return fd
+
+    def fsync(fd):
+        real_fsync(fd)
+        if fd in dirs:
+            events.append(("fsync", dirs.pop(fd)))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    sink = Sink([spec(tmp_path, [(0, "a.tar", None, 0, None), (1, "b.tar", None, 0, None)])],
+                {"dtype": "float16", "compression": 0, "local": False, "run_settings": {}})
+    sink(batch([(0, p, IMAGE) for p in range(3)] + [(0, 3, MARKER), (1, 0, IMAGE), (1, 1, MARKER)]))
+    assert (tmp_path / "f.hdf5").exists()
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) >= 7  # meta, 2 x (feat, rows, record), the file
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[i + 1 :], f"no fsync of {events[i][1]} after rename #{i}"
