@@ -18,8 +18,10 @@ import numpy as np
 
 from ilias_ray import faults, models
 from ilias_ray.config import Config
-from ilias_ray.plan import Plan, make_plan, prepare_output_dir
+from ilias_ray.lock import OutputLocks
+from ilias_ray.plan import Plan, check_output_dir, drop_stale, make_plan
 from ilias_ray.storage import Location, redact
+
 
 def say(msg: str) -> None:
     # Plain lines, flushed: they read the same in a terminal and in `ray job logs`.
@@ -206,13 +208,15 @@ def run(cfg: Config) -> dict:
         say(note)
     summary = {"written": [], "already_done": plan.done, "rows": 0, "skipped": 0}
     if plan.outputs:
-        prepare_output_dir(cfg, plan)
-        units = {u.uid: u for u in plan.units}
-        for o in plan.outputs:
-            done = sum(units[uid].record is not None for uid in o.units)
-            if done:
-                say(f"[{o.name}] resuming: {done} of {len(o.units)} unit(s) already done by an earlier run")
-        summary.update(execute(cfg, plan))
+        check_output_dir(cfg)
+        with OutputLocks(Location.of(cfg.hdf5_dir), [o.name for o in plan.outputs]) as locks:
+            drop_stale(cfg, plan)
+            units = {u.uid: u for u in plan.units}
+            for o in plan.outputs:
+                done = sum(units[uid].record is not None for uid in o.units)
+                if done:
+                    say(f"[{o.name}] resuming: {done} of {len(o.units)} unit(s) already done by an earlier run")
+            summary.update(execute(cfg, plan, locks))
     summary["wall_s"] = round(time.time() - t0, 2)
     summary["images_per_s"] = round((summary["rows"] + summary["skipped"]) / max(summary["wall_s"], 1e-6), 2)
     say(
@@ -262,7 +266,7 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     return ds, pool
 
 
-def execute(cfg: Config, plan: Plan) -> dict:
+def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
     from ilias_ray.sink import OutputWriter, Sink
 
     c = asdict(cfg)
@@ -298,6 +302,7 @@ def execute(cfg: Config, plan: Plan) -> dict:
                             num_cpus=0, resources=here)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             progress.update(batch)  # the driver sees progress rows only
+            locks.check()
         if os.environ.get("ILIAS_RAY_STATS"):
             say(ds.stats())
     tot = progress.totals()

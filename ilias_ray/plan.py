@@ -340,11 +340,11 @@ def probe_inputs(plan: Plan) -> None:
 MIN_FREE_BYTES = 64 << 20  # below this a run would fail on its first part files
 
 
-def prepare_output_dir(cfg: Config, plan: Plan) -> None:
-    """Make sure --hdf5_dir takes writes, and drop stale partial files of the outputs to redo.
+def check_output_dir(cfg: Config) -> None:
+    """Make sure --hdf5_dir (and, for a bucket, the local staging directory) takes writes.
 
     Files are written in the staging directory (--hdf5_dir itself when local) and published from
-    there; a bucket's earlier staging copies are dropped, the bucket being the record."""
+    there."""
     out_dir = Location.of(cfg.hdf5_dir)
     staging = out_dir.staging()
     try:
@@ -361,6 +361,14 @@ def prepare_output_dir(cfg: Config, plan: Plan) -> None:
         where = f"--hdf5_dir {cfg.hdf5_dir!r}" if out_dir.local else f"the staging directory {staging!r}"
         raise UserError(f"{where} has only {free >> 20} MiB free (need at least "
                         f"{MIN_FREE_BYTES >> 20} MiB to start); make room and rerun")
+
+
+def drop_stale(cfg: Config, plan: Plan) -> None:
+    """Drop what earlier runs left of the outputs to redo: partial files, the parts of an output
+    none of whose units is kept, and a bucket's earlier staging copies (the bucket is the record).
+    Only under the outputs' locks (lock.py): these may be another live run's files otherwise."""
+    out_dir = Location.of(cfg.hdf5_dir)
+    staging = out_dir.staging()
     units = {u.uid: u for u in plan.units}
     for out in plan.outputs:
         partial = os.path.join(staging, out.name + PARTIAL_SUFFIX)

@@ -1,0 +1,78 @@
+"""One writer per output: a second run on an output being written stops at once with one line
+that names the first; a run that was killed never blocks the rerun. Local folder and bucket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import KILL_OPTS
+from s3 import listing, make_bucket
+
+CLI = [sys.executable, "-m", "ilias_ray", "extract"]
+
+
+def start(args, env=None):
+    return subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(cond, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def second_run_refused(args, first, env=None):
+    p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "features_distractors_00000.hdf5 is being written by another run (host" in lines[0]
+    assert f"pid {first.pid}," in lines[0] and "ray job stop" in lines[0]
+    assert "extracting" not in p.stdout  # refused before any Ray work on the output
+    return p
+
+
+def kill(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_block(ray_cluster, sample, tmp_path,
+                                                                                   uninterrupted):
+    out = tmp_path / "out"
+    args = ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
+            "--address", ray_cluster.get_runtime_context().gcs_address] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    first = start(args)
+    parts = out / (uninterrupted.name + ".parts")
+    wait_for(lambda: parts.is_dir(), first)  # it holds the lock and has started writing
+    second_run_refused(args, first)
+    assert first.poll() is None  # the first run goes on
+    kill(first)  # the OS drops its lock; its lock file may stay behind
+    p = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / uninterrupted.name).exists() and not (out / (uninterrupted.name + ".lock")).exists()
+
+
+def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_block(ray_cluster, s3_server, sample,
+                                                                                    tmp_path):
+    make_bucket("out-lock")
+    from ilias_ray.sample import build_sample  # noqa: F401 - the sample fixture made the shards already
+
+    env = dict(os.environ, ILIAS_RAY_LEASE_S="6")  # renewed every 2 s; a dead lease is taken after 6 s
+    args = ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", "s3://out-lock/f",
+            "--address", ray_cluster.get_runtime_context().gcs_address] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    first = start(args, env)
+    wait_for(lambda: "features_distractors_00000.hdf5.lock" in listing("out-lock/f"), first)
+    t = time.time()
+    p = second_run_refused(args, first, env)
+    assert "waiting up to 6 s" in p.stdout and time.time() - t < 60  # it saw the lease renewed
+    kill(first)  # its lease is not renewed any more
+    p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert listing("out-lock/f") == ["features_distractors_00000.hdf5"]  # the lease is gone with the run
