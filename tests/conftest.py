@@ -7,6 +7,11 @@ import tempfile
 
 import pytest
 
+# Ray's token authentication stays off only for the clusters the tests start for themselves
+# (`ray.init(address="local")` below, ray.cluster_utils): the laptop case the README documents as the opt-out,
+# one throwaway single-user cluster per session. With the mode unset, Ray 2.60 turns tokens on for them and,
+# when the user has none, writes a new ~/.ray/auth_token into their home: tests leave the home alone. The
+# `ray start` head of test_cluster.py runs with token auth and a token file of its own.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 

@@ -171,7 +171,8 @@ def test_nodes_install_nothing_when_they_start():
         assert not re.search(r"\b(pip|pip3|conda|uv)\b.*\binstall\b", cmd), cmd
         assert "torch" not in cmd, cmd
     # No source tree copied to the nodes: the image has the project, `ray job submit --working-dir` the run's code.
-    assert not (c.get("file_mounts") or {}), c.get("file_mounts")
+    # The one file mount is Ray's token (see test_every_ray_start_runs_with_token_auth).
+    assert set(c.get("file_mounts") or {}) <= {TOKEN_FILE}, c.get("file_mounts")
 
 
 def test_head_has_no_large_data_disk():
@@ -221,6 +222,89 @@ def test_rayjob_needs_no_shared_volume():
     assert "/data/" not in rayjob()["spec"]["entrypoint"]
 
 
+# --- Ray's token authentication stays on --------------------------------------------------------------------
+
+AUTH_FILES = ["cluster.yaml", "jobs/rayjob.yaml", ".ci/run"]
+TOKEN_FILE = "~/.ray/auth_token"  # where Ray looks for the token (`ray get-auth-token --generate` writes it)
+TOKEN_SECRET_KEY = "auth_token"   # the key KubeRay's authOptions.secretName Secret must have
+# RAY_AUTH_MODE=disabled, RAY_AUTH_MODE: disabled, {name: RAY_AUTH_MODE, value: disabled}, ${RAY_AUTH_MODE:-disabled}
+AUTH_OFF = re.compile(r"RAY_AUTH_MODE[\s\"',:=}{-]*(?:value:\s*)?[\"']?disabled", re.I)
+
+
+def ray_start_commands(c: dict) -> list:
+    """Each `ray start ...` simple command of cluster.yaml's start commands, with what is set before it."""
+    cmds = [cmd for key in ("head_start_ray_commands", "worker_start_ray_commands") for cmd in c.get(key) or []]
+    cmds += [cmd for t in c["available_node_types"].values() for cmd in t.get("worker_start_ray_commands") or []]
+    return [part.strip() for cmd in cmds for part in re.split(r"[;&|\n]+", cmd) if re.search(r"\bray\s+start\b", part)]
+
+
+@pytest.mark.parametrize("name", AUTH_FILES)
+def test_nothing_shipped_turns_token_auth_off(name):
+    assert AUTH_OFF.findall(text(name)) == [], name
+
+
+def test_the_auth_off_check_catches_every_spelling():
+    for bad in ("RAY_AUTH_MODE=disabled ray start", "RAY_AUTH_MODE: disabled", "{name: RAY_AUTH_MODE, value: disabled}",
+                "- name: RAY_AUTH_MODE\n  value: \"disabled\"", 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"'):
+        assert AUTH_OFF.search(bad), bad
+    assert not AUTH_OFF.search("RAY_AUTH_MODE=token ray start --head  # disabled only on a laptop")
+
+
+def test_every_ray_start_runs_with_token_auth():
+    c = cluster()
+    starts = ray_start_commands(c)
+    assert any("--head" in s for s in starts) and any("--address" in s for s in starts), starts
+    for start in starts:  # Ray 2.60's `ray start` leaves auth off when the mode is unset and no token exists
+        assert re.match(r"(\S+=\S*\s+)*RAY_AUTH_MODE=token\s+(\S+=\S*\s+)*ray\s+start\b", start), start
+    # The processes of `ray exec` and of jobs in the containers are token clients too.
+    assert "--env RAY_AUTH_MODE=token" in c["docker"]["run_options"]
+    # Every node gets the token from the launcher's ~/.ray/auth_token (the head from `ray up`, each worker from
+    # the head's autoscaler): a path, never a value.
+    assert c["file_mounts"] == {TOKEN_FILE: TOKEN_FILE}
+    # The `ray job ...` commands the header shows send the token.
+    shown = [m for line in text("cluster.yaml").splitlines()
+             if (m := re.match(r"#?\s*((?:\S+=\S*\s+)*)ray job \w+", line))]
+    assert shown
+    for m in shown:
+        assert "RAY_AUTH_MODE=token" in m.group(1).split(), m.group(0)
+
+
+def test_rayjob_runs_with_token_auth_from_a_secret():
+    spec = rayjob()["spec"]["rayClusterSpec"]
+    auth = spec.get("authOptions") or {}
+    assert auth.get("mode") == "token" and auth.get("secretName"), auth  # KubeRay's own containers get it too
+    secret = auth["secretName"]
+    for pod in pod_specs(rayjob()):
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env") or []}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", container["name"]
+            token = env.get("RAY_AUTH_TOKEN") or {}
+            assert "value" not in token, container["name"]
+            assert token.get("valueFrom", {}).get("secretKeyRef") == {"name": secret, "key": TOKEN_SECRET_KEY}
+    assert "RAY_AUTH_MODE" not in (rayjob()["spec"].get("runtimeEnvYAML") or "")
+    # The Secret is made with kubectl from a generated token; the manifest neither holds nor creates it.
+    assert "Secret" not in {d["kind"] for d in rayjob_docs()}
+    made = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=\"\$\(openssl rand -hex 32\)\"",
+                     text("jobs/rayjob.yaml"))
+    assert made and made.groups() == (secret, TOKEN_SECRET_KEY), made
+
+
+def test_readme_commands_keep_token_auth():
+    """The README's shell blocks never turn token auth off, and each `ray start` or `ray job ...` in them runs
+    with RAY_AUTH_MODE=token: on its line, or exported before it in the same section."""
+    checked = 0
+    for section in re.split(r"(?m)^#{2,3} ", text("README.md")):
+        exported = False
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", section, re.S):
+            assert not AUTH_OFF.search(block), block
+            for line in block.splitlines():
+                exported = exported or bool(re.match(r"\s*export\b.*\bRAY_AUTH_MODE=token\b", line))
+                if m := re.match(r"\s*((?:\S+=\S*\s+)*)ray\s+(start|job)\b", line):
+                    assert exported or "RAY_AUTH_MODE=token" in m.group(1).split(), line
+                    checked += 1
+    assert checked >= 5, checked  # the head node's and the cloud's commands
+
+
 # --- no credentials anywhere ---------------------------------------------------------------------------------
 
 SECRET_PATTERNS = [
@@ -231,6 +315,11 @@ SECRET_PATTERNS = [
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
     r'"type"\s*:\s*"service_account"|private_key_id',            # a GCP service account key file
     r"GOOGLE_APPLICATION_CREDENTIALS",                            # a key file instead of workload identity
+    r"(?<!sha256:)\b[0-9a-f]{64}\b",                              # a Ray token (`ray get-auth-token`: 64 hex)
+    r"RAY_AUTH_TOKEN\s*[=:]\s*(?![\"']?\$)[\"']?\w",                # RAY_AUTH_TOKEN=<a value>, not =$(...)
+    r"name:\s*RAY_AUTH_TOKEN\W+value:",                           # a Kubernetes env value instead of a Secret
+    r"--from-literal=auth_token=(?![\"']?\$)",                     # a literal token for the Secret
+    r"(?m)^\s*(data|stringData):\s*\{?\s*auth_token\b",             # a Secret manifest carrying the token
 ]
 
 
@@ -247,6 +336,11 @@ def test_the_credential_check_catches_credentials():
     # The samples are built from pieces so that this file itself holds no credential-shaped text.
     for bad in ("AKIA" + "IOSFODNN7EXAMPLE", "aws_secret_access_key" + " = x", "s3://bucket/p?secret_key=abc",
                 "--hdf5_dir s3://me:hunter2@bucket/out", "gs://u:p@bucket", '{"type": "service_account"}',
-                "ENV AWS_SESSION_TOKEN=x", "-----BEGIN RSA " + "PRIVATE KEY-----"):
+                "ENV AWS_SESSION_TOKEN=x", "-----BEGIN RSA " + "PRIVATE KEY-----", "ab12" * 16,
+                "RAY_AUTH_TOKEN=" + "s3cr3t", "{name: RAY_AUTH_TOKEN, value: x}", "--from-literal=auth_token=" + "x",
+                "stringData:\n  auth_token: x", "data: {auth_token: eA==}"):
         assert secrets_in(bad), bad
     assert not secrets_in("s3://my-features/features/x --hdf5_dir gs://b/p arn:aws:iam::<account>:instance-profile/x")
+    assert not secrets_in('--from-literal=auth_token="$(openssl rand -hex 32)" RAY_AUTH_TOKEN=$(cat f) '
+                          "- name: RAY_AUTH_TOKEN\n  valueFrom: {secretKeyRef: {name: s, key: auth_token}} "
+                          "FROM rayproject/ray@sha256:" + "ab12" * 16)

@@ -4,6 +4,7 @@ and where the bytes go (read and decode in one task; only features reach the sin
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -92,10 +93,16 @@ def test_bytes_stay_where_they_are_read(ray_cluster, sample, tmp_path, capsys, m
 
 @pytest.fixture
 def head_node(tmp_path):
-    """A real `ray start --head` (token auth off, dashboard on localhost), stopped after the test."""
+    """A real `ray start --head` with Ray's token authentication on (dashboard on localhost), stopped after
+    the test. Its token is a file of its own (RAY_AUTH_TOKEN_PATH, in Ray's format): the user's
+    ~/.ray/auth_token is neither read nor written. The env it yields is a client that holds the token."""
     port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
+    token = tmp_path / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     # Every port explicit: the test session's own cluster already holds Ray's defaults.
     ports = [f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -130,9 +137,21 @@ def head_node(tmp_path):
 
 def test_ray_job_submit_runs_a_whole_model_job(head_node, sample, tmp_path):
     address, env = head_node
+    # Token auth is on: a client that sends no token, or a wrong one, is refused before anything runs.
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    for client, refusal in ((dict(no_token, RAY_AUTH_MODE="disabled"), "Unauthorized: Missing authentication token"),
+                            (dict(no_token, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                             "Forbidden: Invalid authentication token")):
+        p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=client,
+                           capture_output=True, text=True, timeout=120)
+        said = p.stdout + p.stderr
+        assert p.returncode != 0 and refusal in said and "submitted successfully" not in said, said[-3000:]
     out = tmp_path / "features"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-           "python", "jobs/extract_model.py", "--model", VIT, "--resolution", "64", "--text", "false",
+    # The job's own env_vars include an ILIAS_RAY_ setting, which the driver forwards to its workers
+    # too: Ray refused such a driver ("Failed to merge the Job's runtime env") before it skipped them.
+    runtime_env = '{"env_vars": {"ILIAS_RAY_LEASE_S": "90"}}'
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+           "--runtime-env-json", runtime_env, "--", "python", "jobs/extract_model.py", "--model", VIT, "--resolution", "64", "--text", "false",
            "--core", str(sample["core"]), "--yfcc", str(sample["yfcc"]), "--hdf5_dir", str(out),
            "--total_tars", "3", "--pretrained", "false"]
     for _ in range(20):  # the job server answers before its agent can take jobs
