@@ -10,13 +10,39 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from ilias_ray.read import FILE_IMAGE, IMAGE, SKIP, TAR_IMAGE
+from ilias_ray.read import FILE_IMAGE, IMAGE, SKIP, TAR_IMAGE, TEXT
 
 BOX_CLIP = 10000
+
+# Limits on hostile input. A row over one becomes a SKIP row with the reason, decided from sizes
+# alone (an image's header, the sizes its transform would make), before anything that large is
+# allocated; an ordinary image is never near them, and its pixels are not changed by them.
+#
+# Image formats opened, by content (a PNG or WebP named .jpg is decoded, as the reference does):
+# the benchmark's JPEG and PNG, and the common others Pillow decodes in-process. Never EPS/PS
+# (Pillow runs Ghostscript for those) nor any other plugin: `Image.open` tries only these.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (multi-picture JPEG)
+# Pixels of a source image: Pillow's own default limit (Image.MAX_IMAGE_PIXELS, about a quarter
+# GB as 24-bit RGB), fixed here so that a library that lifts Pillow's global does not lift ours.
+# Over it is an error (DecompressionBombError); Pillow itself only warns up to twice its limit.
+MAX_SOURCE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # 89,478,485
+# Pixels of the image a transform makes, as a multiple of resolution^2. RESIZE_LARGE/PAD/SQUARE
+# never exceed resolution^2; RESIZE_SMALL (and RESIZE_CENTER before its crop) scale the *shorter*
+# side to the resolution, so for them this is an aspect-ratio limit of 64:1. A 1x50,000 PNG at
+# 512 would be 512x25,600,000 (13 G pixels, 52 GB as Pillow holds RGB). At the limit, decoding a
+# 8192x128 JPEG into 512x32,768 (16.8 M pixels) took 0.35 s and 160 MB here; a 4000x3000 one, 0.3 s.
+MAX_OUTPUT_AREA = 64
+# Nor may the resized image be over MAX_SOURCE_PIXELS (this binds above resolution 1182, where
+# 64 x resolution^2 is more). What Pillow allocates on the way does not grow past the output:
+# pillow 13 resized 1x170,000 and 2000x40,000 to 512x512 in under 7 MB more than the source.
+
+MAX_TEXT_BYTES = 64 * 1024  # a text query's file; the CLIP tokenizers keep 77 tokens anyway
+
 NO_PIXELS = np.zeros((0, 0, 3), np.uint8)  # rows that are not images
 NO_MASK = np.zeros((0, 0), np.uint8)
 
@@ -27,6 +53,48 @@ def large_side_size(w: int, h: int, s: int) -> tuple:
     if ar <= 1:
         return s, max(1, int(s * ar))
     return max(1, int(s / ar)), s
+
+
+def small_side_size(w: int, h: int, s: int) -> tuple:
+    """torchvision Resize(s) target (width, height): the shorter side becomes s."""
+    if w <= h:
+        return s, int(s * h / w)
+    return int(s * w / h), s
+
+
+def transform_sizes(w: int, h: int, transforms: str, resolution: int) -> tuple:
+    """(width, height) of the image `resize` makes from a w x h image (for RESIZE_CENTER, the one
+    it makes before the crop, which is larger)."""
+    if transforms in ("RESIZE_LARGE", "RESIZE_PAD"):
+        return large_side_size(w, h, resolution)
+    if transforms in ("RESIZE_SMALL", "RESIZE_CENTER"):
+        return small_side_size(w, h, resolution)
+    if transforms == "RESIZE_SQUARE":
+        return resolution, resolution
+    raise ValueError(f"unknown transforms {transforms!r}")
+
+
+class ImageTooLarge(ValueError):
+    """An image over one of the size limits above; raised before anything that size exists."""
+
+
+def check_source(w: int, h: int) -> None:
+    if w * h > MAX_SOURCE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"Image size ({w * h} pixels) exceeds limit of {MAX_SOURCE_PIXELS} pixels, "
+            "could be decompression bomb DOS attack.")
+
+
+def check_resize(w: int, h: int, transforms: str, resolution: int) -> None:
+    """Raise ImageTooLarge if the transform would make an image over the limits from a w x h one."""
+    ow, oh = transform_sizes(w, h, transforms, resolution)
+    limit = MAX_OUTPUT_AREA * resolution * resolution
+    what = f"{MAX_OUTPUT_AREA} x {resolution}^2 = {limit}"
+    if limit > MAX_SOURCE_PIXELS:
+        limit, what = MAX_SOURCE_PIXELS, f"{MAX_SOURCE_PIXELS} (Pillow's limit)"
+    if ow * oh > limit:
+        raise ImageTooLarge(f"{transforms} at resolution {resolution} makes {w}x{h} into {ow}x{oh} "
+                            f"({ow * oh} pixels), over {what}")
 
 
 def pad_target(transforms: str, resolution: int, min_size: int) -> int:
@@ -85,8 +153,19 @@ def padded(h: int, w: int, m: int) -> tuple:
     return max(h, m), max(w, m)
 
 
+def open_image(data: bytes) -> Image.Image:
+    """The image, not yet decoded (Image.open reads the header only), in one of FORMATS and within
+    MAX_SOURCE_PIXELS."""
+    with warnings.catch_warnings():
+        # Pillow warns between its limit and twice it; ours is an error at once, checked below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    check_source(img.width, img.height)
+    return img
+
+
 def decode_image(data: bytes, exif: bool) -> Image.Image:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = open_image(data).convert("RGB")
     if exif:
         img = ImageOps.exif_transpose(img)
     return img
@@ -98,8 +177,12 @@ def prepare(data: bytes, exif: bool, boxes: list, cfg: dict):
     origin = (0, 0)
     if boxes and cfg["crop_resize"]:
         x0, y0, x1, y1 = box_union(boxes)
+        if (x1 - x0) * (y1 - y0) > MAX_SOURCE_PIXELS:  # boxes past the image's edges crop larger
+            raise ImageTooLarge(f"the boxes' union {x1 - x0}x{y1 - y0} is over {MAX_SOURCE_PIXELS} pixels "
+                                "(Pillow's limit)")
         img = img.crop((x0, y0, x1, y1))
         origin = (x0, y0)
+    check_resize(img.width, img.height, cfg["transforms"], cfg["resolution"])
     out = resize(img, cfg["transforms"], cfg["resolution"])
     arr = np.asarray(out, dtype=np.uint8)
     mask = None
@@ -122,8 +205,20 @@ def skip_reason(e: Exception) -> str:
     return f"decode failed: {type(e).__name__}: {re.sub(r' <[^<>]* at 0x[0-9a-fA-F]+>', '', str(e))}"
 
 
+def text_problem(raw: bytes):
+    """Why a text query cannot be embedded, or None. The model stage decodes it as UTF-8."""
+    if len(raw) > MAX_TEXT_BYTES:
+        return f"text too large: {len(raw)} bytes, over {MAX_TEXT_BYTES}"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"text is not valid UTF-8: {e}"
+    return None
+
+
 def decode_batch(batch: dict, cfg: dict) -> dict:
-    """Ray Data map_batches function: image rows -> IMAGE (pixels) or SKIP (reason)."""
+    """Ray Data map_batches function: image rows -> IMAGE (pixels) or SKIP (reason); text rows
+    pass on as they are, or become SKIP rows if they are not valid UTF-8 or too large."""
     n = len(batch["seq"])
     kinds = batch["kind"].copy()
     notes = list(batch["note"])
@@ -136,6 +231,11 @@ def decode_batch(batch: dict, cfg: dict) -> dict:
     w = np.zeros(n, np.int32)
     for i in range(n):
         k = kinds[i]
+        if k == TEXT:
+            why = text_problem(bytes(data[i]))
+            if why is not None:
+                kinds[i], notes[i], data[i] = SKIP, why, b""
+            continue
         if k not in (TAR_IMAGE, FILE_IMAGE):
             continue
         boxes = json.loads(batch["boxes"][i]) if batch["boxes"][i] else None

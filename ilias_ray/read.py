@@ -45,6 +45,10 @@ SCHEMA = pa.schema(
 BLOCK_ROWS = 64  # rows per block: a few MB of JPEGs, small enough to stream
 FOLDER_TASK_ROWS = 256  # folder files per read task
 SHARD_ATTEMPTS = 3  # reads of a shard from its start, when a read keeps failing part-way
+# The largest image member read into memory (YFCC100M's JPEGs are well under 1 MiB; Pillow's pixel
+# limit is reached by far smaller files). A larger one is a recorded skip; its bytes, like those of
+# every member that is not a sample's image, are passed over by the tar stream, never held.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 class _Rows:
@@ -144,7 +148,10 @@ def _scan_tar(unit: Unit, selected: Optional[frozenset], rows: _Rows, retried: i
             repeated.add(key)
             duplicates.append(escape_id(raw))
         seen.add(key)
-        if "jpg" in members:
+        if isinstance(members.get("jpg"), int):  # its size: too large to read
+            rows.add(pos, escape_id(raw), SKIP, off=off,
+                     note=f"image member too large: {members['jpg']} bytes, over {MAX_MEMBER_BYTES}")
+        elif "jpg" in members:
             rows.add(pos, escape_id(raw), TAR_IMAGE, data=members["jpg"], off=off)
         else:
             rows.add(pos, escape_id(raw), SKIP, note=missing, off=off)
@@ -166,8 +173,15 @@ def _scan_tar(unit: Unit, selected: Optional[frozenset], rows: _Rows, retried: i
                             if rows.full():
                                 yield rows.take()
                         key, members = k, {}
-                    data = tf.extractfile(m).read()
-                    members.setdefault(ext, data)
+                    # Only the image is read; other members are passed over unread, as is an image
+                    # over the bound (its size stands for it). Tarfile still checks that each
+                    # skipped member is all there, so a truncation is noticed as before.
+                    if ext != "jpg":
+                        members[ext] = None
+                    elif m.size > MAX_MEMBER_BYTES:
+                        members[ext] = m.size
+                    else:
+                        members[ext] = tf.extractfile(m).read()
                     off = m.offset_data + m.size
                 if key is not None:
                     emit(key, members, off)

@@ -151,7 +151,8 @@ def test_ray_job_submit_runs_a_whole_model_job(head_node, sample, tmp_path):
     # too: Ray refused such a driver ("Failed to merge the Job's runtime env") before it skipped them.
     runtime_env = '{"env_vars": {"ILIAS_RAY_LEASE_S": "90"}}'
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-           "--runtime-env-json", runtime_env, "--", "python", "jobs/extract_model.py", "--model", VIT, "--resolution", "64", "--text", "false",
+           "--runtime-env-json", runtime_env, "--", "python", "jobs/extract_model.py", "--model", VIT,
+           "--resolution", "64", "--text", "false",
            "--core", str(sample["core"]), "--yfcc", str(sample["yfcc"]), "--hdf5_dir", str(out),
            "--total_tars", "3", "--pretrained", "false"]
     for _ in range(20):  # the job server answers before its agent can take jobs

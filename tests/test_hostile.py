@@ -38,12 +38,17 @@ def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
     return b.getvalue()
 
 
-def bomb_jpeg() -> bytes:
-    """A small valid JPEG whose header claims 20000x20000 pixels (over twice Pillow's limit)."""
+def bomb_jpeg(side: int = 20000) -> bytes:
+    """A small valid JPEG whose header claims side x side pixels (20000: over twice Pillow's limit;
+    10000: over it, where Pillow itself only warns)."""
     raw = bytearray(encoded(photo(32, 24), "JPEG"))
     sof = raw.index(b"\xff\xc0")
-    raw[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") + (20000).to_bytes(2, "big")
+    raw[sof + 5 : sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
     return bytes(raw)
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")  # Pillow would run Ghostscript
 
 
 def png16() -> bytes:
@@ -56,6 +61,8 @@ BAD = {  # member key -> the reason's telltale
     "empty": "UnidentifiedImageError",
     "halfjpeg": "truncated",
     "bomb": "DecompressionBombError",
+    "bomb1x": "DecompressionBombError",
+    "eps": "UnidentifiedImageError",
 }
 
 
@@ -67,10 +74,13 @@ def hostile_members() -> list:
         ("empty", b""),
         ("halfjpeg", jpg[: len(jpg) // 2]),
         ("bomb", bomb_jpeg()),
+        ("bomb1x", bomb_jpeg(10000)),
+        ("eps", EPS),
         ("pngpayload", encoded(photo(40, 30), "PNG")),
         ("webppayload", encoded(photo(40, 30), "WEBP")),
         ("onepixel", encoded(photo(1, 1), "JPEG")),
         ("wide", encoded(photo(20000, 200), "JPEG", quality=75)),
+        ("tall", encoded(photo(1, 50000), "PNG")),  # RESIZE_LARGE makes it 1x64: embedded
         ("png16", png16()),
         ("palette", encoded(photo(40, 30).convert("P"), "PNG")),
         ("rgba", encoded(photo(40, 30, "RGBA"), "PNG")),

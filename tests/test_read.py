@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
 import pyarrow as pa
 
+from ilias_ray import read
 from ilias_ray.plan import Unit
 from ilias_ray.read import MARKER, SKIP, TAR_IMAGE, read_tar
 from ilias_ray.storage import Location
@@ -53,3 +55,52 @@ def test_selected_keys_filter(sample):
     keys = sample["distractor_keys"][2:5]
     rows = rows_of(sample["yfcc"] / "00000.tar", frozenset(k.split("/")[1] for k in keys))
     assert [r["id"] for r in rows[:-1]] == keys and rows[-1]["pos"] == 3
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_only_images_within_the_bound_are_read(tmp_path, monkeypatch):
+    """A sample's image is read into memory only up to MAX_MEMBER_BYTES (here 10,000); a larger one
+    is a recorded skip, and other members are never read (the tar stream passes over them)."""
+    monkeypatch.setattr(read, "MAX_MEMBER_BYTES", 10_000, raising=False)
+    read_names = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m: read_names.append(m.name) or extract(self, m))
+    at, over = b"j" * 10_000, b"J" * 10_001
+    path = tmp_path / "limits.tar"
+    write_tar(path, [("a.jpg", b"small"), ("a.json", b"{}" * 50_000), ("b.json", b"{}"), ("b.jpg", over),
+                     ("b.txt", b"t"), ("c.jpg", at), ("d.txt", b"x" * 20_000), ("e.jpg", b"after")])
+    rows = rows_of(path)
+    got = [(r["id"], r["kind"], r["data"], r["note"]) for r in rows[:-1]]
+    assert got == [
+        ("limits.tar/a", TAR_IMAGE, b"small", ""),
+        ("limits.tar/b", SKIP, b"", "image member too large: 10001 bytes, over 10000"),
+        ("limits.tar/c", TAR_IMAGE, at, ""),
+        ("limits.tar/d", SKIP, b"", "no jpg member in sample"),
+        ("limits.tar/e", TAR_IMAGE, b"after", ""),
+    ]
+    assert end(rows[-1]) == "eof" and rows[-1]["pos"] == 5
+    assert read_names == ["a.jpg", "c.jpg", "e.jpg"]
+
+
+def test_truncated_inside_a_member_not_read_is_still_truncated(tmp_path):
+    """Members passed over unread are still checked to be all there: a shard cut inside one ends
+    as `truncated`, keeping the sample being read, as when every member was read."""
+    path = tmp_path / "full.tar"
+    write_tar(path, [("a.jpg", b"A" * 3000), ("a.json", b"{}" * 50_000), ("b.jpg", b"B" * 3000)])
+    with tarfile.open(path) as tf:
+        json_member = tf.getmember("a.json")
+    for cut_at in (json_member.offset_data + 1000, json_member.offset_data + json_member.size - 1):
+        cut = tmp_path / "cut.tar"
+        cut.write_bytes(path.read_bytes()[:cut_at])
+        rows = rows_of(cut)
+        assert [(r["id"], r["kind"]) for r in rows[:-1]] == [("cut.tar/a", TAR_IMAGE)]
+        assert rows[0]["data"] == b"A" * 3000
+        assert end(rows[-1]).startswith("truncated") and rows[-1]["pos"] == 1
