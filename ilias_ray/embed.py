@@ -42,6 +42,41 @@ def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
     return center_pad(x, h + (-h) % m, w + (-w) % m)
 
 
+KV_PREFIX = "ilias_ray:batch:"  # + actor id: the batch an actor is working on (GCS key-value store)
+
+
+def describe(batch: dict) -> str:
+    """'00003.tar positions 128-191' (one part per unit of the batch): where its rows come from."""
+    parts = []
+    for uid in np.unique(batch["unit"]):
+        rows = np.nonzero(batch["unit"] == uid)[0]
+        first = str(batch["id"][rows[0]])
+        unit = first.split("/")[0] if ".tar/" in first else f"unit {int(uid)}"
+        pos = batch["pos"][rows]
+        parts.append(f"{unit} positions {int(pos.min())}-{int(pos.max())}")
+    return ", ".join(parts)
+
+
+def note_batch(batch: dict) -> None:
+    """Record, under this actor's id, the batch it is about to run: if it kills the actor every
+    time, the driver can say which rows did it (the actor itself is gone by then)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    if ray.is_initialized() and internal_kv._internal_kv_initialized():
+        actor = ray.get_runtime_context().get_actor_id()
+        if actor:
+            internal_kv._internal_kv_put(KV_PREFIX + actor, describe(batch))
+
+
+def batch_in_flight(actor_id: str):
+    """On the driver: what note_batch recorded for that actor, or None."""
+    from ray.experimental import internal_kv
+
+    got = internal_kv._internal_kv_get(KV_PREFIX + actor_id) if internal_kv._internal_kv_initialized() else None
+    return got.decode() if got else None
+
+
 class Embedder:
     """Ray Data callable class: one instance per actor, the model loaded once."""
 
@@ -131,6 +166,7 @@ class Embedder:
         # A failed batch is retried once here (a flaky library or device hiccup); a second failure
         # fails the job with its error. A crashed actor is restarted by Ray and its batch resent;
         # either way the sink keeps exactly one copy of each row.
+        note_batch(batch)
         try:
             faults.hit("embed")
             return self.embed_batch(batch)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ilias_ray import faults, models
-from ilias_ray.config import Config
+from ilias_ray.config import Config, UserError
 from ilias_ray.lock import OutputLocks
 from ilias_ray.plan import Plan, check_output_dir, drop_stale, make_plan
 from ilias_ray.storage import Location, redact
@@ -51,6 +51,17 @@ def job_env_vars() -> dict:
 _STARTED = []  # set when this process connected to Ray (a caller's own connection is left alone)
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's own console lines (notices, and the tracebacks of failures that this tool reports
+    in one line) are not for our users; they stay in its log file (ray-data.log in the session's
+    log directory). ILIAS_RAY_DEBUG=1 keeps them on the console."""
+    if os.environ.get("ILIAS_RAY_DEBUG"):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL)
+
+
 def init_ray(cfg: Config):
     import ray
 
@@ -72,7 +83,7 @@ def init_ray(cfg: Config):
         else:
             # "local": a new single-node cluster, not whatever `ray start` last left on this machine.
             ray.init(address="local", include_dashboard=False, **kwargs)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices are not for our users
+    quiet_ray_data_console()
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own per-file lines are readable in job logs
@@ -95,6 +106,15 @@ def stop_ray() -> None:
         except Exception:  # noqa: BLE001 - never hide the error being reported
             pass
 
+
+# Ray Data restarts actors and resends their batches without limit by default. A model actor
+# may die now and then (a spot node taken back, an out-of-memory kill): it is restarted, up to
+# MODEL_ACTOR_RESTARTS times over the run, and the batch it held is resent. But a batch that kills
+# its actor every time (an image the model cannot take) must stop the run, after 1 +
+# MODEL_BATCH_RETRIES tries, not loop for hours. The sink is not restarted at all: a new sink
+# would not have the rows the dead one had taken, so its shards could never finish.
+MODEL_ACTOR_RESTARTS = 20
+MODEL_BATCH_RETRIES = 3
 
 CPU_ACTOR_MEMORY = 3 << 30  # bytes a CPU model actor may need (a ViT-L at 512 px, with activations)
 
@@ -262,8 +282,30 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c, "threads": pool.threads},
                         batch_size=cfg.webdl_batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-                        **pool.actor_res)
+                        max_restarts=MODEL_ACTOR_RESTARTS, max_task_retries=MODEL_BATCH_RETRIES, **pool.actor_res)
     return ds, pool
+
+
+def actor_death(e: BaseException):
+    """The one-line UserError for a run stopped by a dead actor, or None for other failures."""
+    from ray.exceptions import RayActorError
+
+    from ilias_ray.embed import batch_in_flight
+
+    seen, dead = set(), None
+    while e is not None and id(e) not in seen and dead is None:
+        seen.add(id(e))
+        dead = e if isinstance(e, RayActorError) else None
+        e = getattr(e, "cause", None) or e.__cause__
+    if dead is None:
+        return None
+    kept = "finished shards are kept: rerun the same command to resume"
+    batch = batch_in_flight(dead.actor_id) if getattr(dead, "actor_id", None) else None
+    if batch:
+        return UserError(f"a model batch ({batch}) killed its actor {1 + MODEL_BATCH_RETRIES} times, so the run "
+                         f"stopped; an image the model cannot take, or an out-of-memory kill, does this; {kept}")
+    what = "the sink (it is not restarted: it held rows no other sink has)" if "Sink" in str(dead) else "an actor"
+    return UserError(f"{what} died: {str(dead).strip().splitlines()[0][:200]}; {kept}")
 
 
 def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
@@ -299,10 +341,14 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
         here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
         ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": specs, "run": run_info},
                             batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=1),
+                            max_restarts=0,
                             num_cpus=0, resources=here)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            progress.update(batch)  # the driver sees progress rows only
-            locks.check()
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                progress.update(batch)  # the driver sees progress rows only
+                locks.check()
+        except Exception as e:
+            raise actor_death(e) or e
         if os.environ.get("ILIAS_RAY_STATS"):
             say(ds.stats())
     tot = progress.totals()

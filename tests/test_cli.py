@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,3 +138,35 @@ def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, 
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert last.startswith("ilias-ray: error: --hdf5_dir") and "No space left on device" in last and "rerun" in last
     assert not list(tmp_path.glob("*.hdf5"))
+
+
+CHEAP = ["--partition", "distractors", "--model", "resnet18", "--pretrained", "false", "--resolution", "64",
+         "--batch_size", "4", "--webdl_batch_size", "4"]
+
+
+def test_a_batch_that_kills_its_actor_every_time_stops_the_run_and_is_named(ray_cluster, sample, tmp_path):
+    """A poison batch (an image that crashes the model, an out-of-memory kill) is tried a bounded
+    number of times, then the run stops with one line naming the batch's shard and positions."""
+    env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="embed:exit")  # every batch, every time
+    address = ray_cluster.get_runtime_context().gcs_address
+    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address, *CHEAP, env=env)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    want = (r"ilias-ray: error: a model batch \(\d{5}\.tar positions \d+-\d+\) killed its actor 4 times, so the run "
+            r"stopped; .* finished shards are kept: rerun the same command to resume")
+    assert re.fullmatch(want, last), last
+
+
+def test_a_sink_that_dies_stops_the_run_at_once(ray_cluster, sample, tmp_path):
+    """A restarted sink would lack the rows its predecessor took: it is not restarted, the run stops.
+    (Before, the sink died here while building the file, a new one started every shard of it at
+    position 0, and the run waited for rows that never came again, to fail only at its end.)"""
+    env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:exit",
+               ILIAS_RAY_FAULT_ONCE=str(tmp_path / "fired"))
+    address = ray_cluster.get_runtime_context().gcs_address
+    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address, *CHEAP,
+            env=env)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and (tmp_path / "fired.assemble").exists(), p.stderr[-3000:]
+    assert last.startswith("ilias-ray: error: the sink (it is not restarted") and "rerun the same command" in last
+    assert not list((tmp_path / "out").glob("*.hdf5"))
