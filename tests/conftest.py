@@ -43,6 +43,23 @@ def ray_cluster():
     ray.shutdown()
 
 
+def one_line_error(args, capsys) -> str:
+    """Run the command line in this process (no torch import per case); check that it failed
+    before any Ray work with exit status 2 and one line on stderr, and return that line."""
+    from ilias_ray import cli
+
+    capsys.readouterr()
+    try:
+        rc = cli.main(args)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
+    assert "extracting" not in out.out  # it failed before any Ray work
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server, one per test session; AWS_ENDPOINT_URL already points at it."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import one_line_error
 from PIL import Image
 from skimage import data as skdata
 
@@ -180,21 +181,6 @@ def test_verify_passes_with_the_inputs_duplicates_as_warnings(hostile, capsys):
     out = capsys.readouterr().out
     assert "features_distractors_00000.hdf5" in out and "ok" in out
     assert "warning:" in out and "repeated as in the input" in out and "0 problem(s)" in out
-
-
-def one_line_error(args, capsys):
-    """Run the command line in this process (no torch import per case) and return its one line."""
-    from ilias_ray import cli
-
-    try:
-        rc = cli.main(args)
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
-    assert "extracting" not in out.out  # it failed before any Ray work
-    return lines[0]
 
 
 def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_path, capsys):

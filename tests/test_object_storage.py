@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from conftest import KILL_OPTS, VIT
+from conftest import KILL_OPTS, VIT, one_line_error
 from s3 import CuttingProxy, deny_reads, endpoint_query, listing, make_bucket, upload
 
 from ilias_ray import cli
@@ -286,37 +286,27 @@ def test_a_missing_or_unreadable_local_shard_is_an_error_not_data(ray_cluster, s
         list(read_tar(unit, None))
 
 
-def one_line(args, capsys) -> str:
-    capsys.readouterr()
-    rc = cli.main(args)
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
-    assert "extracting" not in out.out  # before any Ray work
-    return lines[0]
-
-
 def test_missing_bucket_prefix_and_denied_reads_are_one_line_before_ray(s3_server, sample, bucket, tmp_path, capsys):
     base = ["extract", "--model", "resnet18", "--pretrained", "false", "--hdf5_dir", str(tmp_path / "out")]
-    err = one_line(base + ["--dataset_dir", "s3://no-such-bucket/core"], capsys)
+    err = one_line_error(base + ["--dataset_dir", "s3://no-such-bucket/core"], capsys)
     assert "s3://no-such-bucket/core" in err and "bucket 'no-such-bucket' does not exist" in err
-    err = one_line(base + ["--dataset_dir", "s3://ilias-in/no/such/prefix"], capsys)
+    err = one_line_error(base + ["--dataset_dir", "s3://ilias-in/no/such/prefix"], capsys)
     assert "s3://ilias-in/no/such/prefix" in err and "no objects under this prefix" in err
-    err = one_line(base + ["--dataset_dir", bucket["core"], "--selected_ids", "s3://ilias-in/lists/nope.txt",
+    err = one_line_error(base + ["--dataset_dir", bucket["core"], "--selected_ids", "s3://ilias-in/lists/nope.txt",
                            "--partition", "uned"], capsys)
     assert "--selected_ids s3://ilias-in/lists/nope.txt: no such file" in err
     make_bucket("ilias-denied")
     shard = sample["yfcc"] / "00000.tar"
     upload(shard, f"ilias-denied/yfcc/{shard.name}")
     deny_reads("ilias-denied")
-    err = one_line(base + ["--dataset_dir", "s3://ilias-denied/yfcc", "--partition", "distractors"], capsys)
+    err = one_line_error(base + ["--dataset_dir", "s3://ilias-denied/yfcc", "--partition", "distractors"], capsys)
     assert f"cannot read s3://ilias-denied/yfcc/{shard.name}: access denied" in err
-    err = one_line(["extract", "--model", "resnet18", "--pretrained", "false", "--dataset_dir", bucket["core"],
+    err = one_line_error(["extract", "--model", "resnet18", "--pretrained", "false", "--dataset_dir", bucket["core"],
                     "--hdf5_dir", "s3://no-such-out-bucket/features"], capsys)
     assert "--hdf5_dir s3://no-such-out-bucket/features is not writable" in err
     # Credentials are never taken as flags, and never echoed.
-    err = one_line(base + ["--dataset_dir", "s3://AKEY:hunter2-secret@ilias-in/core"], capsys)
+    err = one_line_error(base + ["--dataset_dir", "s3://AKEY:hunter2-secret@ilias-in/core"], capsys)
     assert "credentials in a URI are not accepted" in err and "hunter2" not in err and "AKEY" not in err
-    err = one_line(base + ["--dataset_dir", "s3://ilias-in/core?secret_key=hunter2-secret"], capsys)
+    err = one_line_error(base + ["--dataset_dir", "s3://ilias-in/core?secret_key=hunter2-secret"], capsys)
     assert "hunter2" not in err
 

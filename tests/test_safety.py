@@ -7,20 +7,12 @@ import shutil
 import subprocess
 import sys
 
+from conftest import one_line_error
+
 from ilias_ray import cli
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 CNN = ["--model", "resnet18", "--pretrained", "false", "--resolution", "64"]
-
-
-def one_line(args, capsys) -> str:
-    capsys.readouterr()
-    rc = cli.main(args)
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
-    assert "extracting" not in out.out  # before any Ray work
-    return lines[0]
 
 
 def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, tmp_path):
@@ -37,7 +29,7 @@ def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, t
 def test_a_malformed_fault_setting_is_one_line_before_ray(sample, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ILIAS_RAY_TESTING", "1")
     monkeypatch.setenv("ILIAS_RAY_FAULT", "embed:explode")
-    err = one_line(["extract", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), *CNN], capsys)
+    err = one_line_error(["extract", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), *CNN], capsys)
     assert "ILIAS_RAY_FAULT: 'embed:explode' is not SITE:ACTION" in err
 
 
@@ -51,7 +43,7 @@ def test_listed_files_cannot_leave_the_dataset_dir(sample, tmp_path, capsys):
     for bad in ("../private.jpg", f"{inside.split('/')[0]}/../../private.jpg", str(tmp_path / "private.jpg")):
         ids = tmp_path / "ids.txt"
         ids.write_text(f"{inside}\n{bad},some other column\n")
-        err = one_line(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(tmp_path / "out"), "--partition",
+        err = one_line_error(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(tmp_path / "out"), "--partition",
                         "uned", "--selected_ids", str(ids), *CNN], capsys)
         assert f"{bad!r} is not a path below --dataset_dir" in err, err
     assert not (tmp_path / "out").exists()
