@@ -1,0 +1,72 @@
+"""pyproject.toml declares the ranges the code supports; requirements*.txt pin the exact versions
+`make`, CI and the Dockerfile install. Every pin must lie inside its declared range, and every
+declared dependency must be pinned, so that the two cannot drift apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def declared(group: str) -> dict:
+    """{name: Requirement} of pyproject's runtime dependencies, or of one optional group."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] if group == "runtime" else project["optional-dependencies"][group]
+    return {canonicalize_name(r.name): r for r in map(Requirement, reqs)}
+
+
+def pinned(filename: str) -> dict:
+    """{name: Requirement} of the `name==version` lines of one requirements file (not its -r lines)."""
+    out = {}
+    for line in (ROOT / filename).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            req = Requirement(line)
+            out[canonicalize_name(req.name)] = req
+    return out
+
+
+def exact(req: Requirement) -> str:
+    (spec,) = req.specifier  # one specifier, and it is ==
+    assert spec.operator == "==", f"{req} is not an exact pin"
+    return spec.version
+
+
+@pytest.mark.parametrize("group, filename", [("runtime", "requirements.txt"), ("test", "requirements-test.txt")])
+def test_every_pin_lies_in_its_declared_range(group, filename):
+    ranges, pins = declared(group), pinned(filename)
+    assert set(ranges) == set(pins), f"declared but not pinned: {set(ranges) - set(pins)}; " \
+                                     f"pinned but not declared: {set(pins) - set(ranges)}"
+    for name, pin in pins.items():
+        version = exact(pin)
+        assert ranges[name].specifier.contains(version, prereleases=True), \
+            f"{filename} pins {name}=={version}, outside pyproject's {ranges[name]}"
+        assert ranges[name].extras == pin.extras, f"{name}: extras {pin.extras} pinned, {ranges[name].extras} declared"
+
+
+@pytest.mark.parametrize("group", ["runtime", "test"])
+def test_declared_ranges_are_ranges_not_pins(group):
+    """A pin in pyproject would make `pip install` of this package replace a lab's torch or Ray."""
+    for name, req in declared(group).items():
+        ops = {s.operator for s in req.specifier}
+        assert "==" not in ops and "===" not in ops, f"pyproject pins {req}: declare a range"
+        assert ">=" in ops and "<" in ops, f"{req}: give a lower bound (an API the code uses) and an upper one"
+
+
+def test_the_check_catches_a_pin_outside_its_range():
+    """The comparison above is packaging's, on real version strings: a pin one major above the
+    range's end is caught."""
+    req = declared("runtime")["torch"]
+    upper = next(s.version for s in req.specifier if s.operator == "<")
+    assert not req.specifier.contains(upper)
+    assert req.specifier.contains(exact(pinned("requirements.txt")["torch"]))
