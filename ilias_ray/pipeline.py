@@ -12,12 +12,11 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
-
-import numpy as np
+from dataclasses import asdict, dataclass, replace
 
 from ilias_ray import faults, models
 from ilias_ray.config import Config, UserError
+from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec, assemble
 from ilias_ray.lock import OutputLocks
 from ilias_ray.plan import Plan, check_output_dir, drop_stale, make_plan
 from ilias_ray.storage import Location, redact
@@ -152,17 +151,22 @@ def model_pool(cfg: Config, ray) -> Pool:
 
 
 def output_specs(plan: Plan) -> list:
+    """What the sink and the assembly need of each output to write: [OutputSpec], in plan order."""
     units = {u.uid: u for u in plan.units}
-    return [
-        {
-            "name": o.name,
-            "dir": o.dir,
-            "settings": o.settings,
-            "units": [(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record)
-                      for uid in o.units],
-        }
-        for o in plan.outputs
-    ]
+    return [OutputSpec(name=o.name, dir=o.dir, settings=o.settings,
+                       units=tuple(UnitSpec(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record)
+                                   for uid in o.units))
+            for o in plan.outputs]
+
+
+def run_info(cfg: Config) -> RunInfo:
+    """What every output of this run shares: vector dtype, compression, pooling, the run's flags."""
+    c = asdict(cfg)
+    return RunInfo(dtype="float16" if cfg.store_fp16 else "float32", compression=cfg.hdf5_compression,
+                   local=cfg.pooling == "local",
+                   run_settings={k: redact(c[k]) if isinstance(c[k], str) else c[k]
+                                 for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size", "start_tar",
+                                           "total_tars", "tar_batch_size")})
 
 
 class Progress:
@@ -309,28 +313,20 @@ def actor_death(e: BaseException):
 
 
 def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
-    from ilias_ray.sink import OutputWriter, Sink
+    from ilias_ray.sink import Sink, progress_batch, progress_row
 
-    c = asdict(cfg)
-    run_info = {
-        "dtype": "float16" if cfg.store_fp16 else "float32",
-        "compression": cfg.hdf5_compression,
-        "local": cfg.pooling == "local",
-        "run_settings": {k: redact(c[k]) if isinstance(c[k], str) else c[k]
-                         for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size", "start_tar",
-                                   "total_tars", "tar_batch_size")},
-    }
+    run = run_info(cfg)
     specs = output_specs(plan)
     progress = Progress(plan)
-    # Outputs whose shards an earlier run all finished (it stopped while assembling) need no Ray.
-    units = {u.uid: u for u in plan.units}
-    for i, o in enumerate(plan.outputs):
-        if all(units[uid].record is not None for uid in o.units):
-            w = OutputWriter(specs[i], run_info)
-            w.drain()
-            progress.update({k: np.array([v]) for k, v in w.progress(i).items()})
-            specs[i]["done"] = True
-    if not all(spec.get("done") for spec in specs):
+    # Outputs whose shards an earlier run all finished (it stopped while assembling) need no Ray:
+    # the commit step runs here.
+    for i, spec in enumerate(specs):
+        records = {k: u.record for k, u in enumerate(spec.units)}
+        if all(r is not None for r in records.values()):
+            assemble(spec, run, records)
+            progress.update(progress_batch([progress_row(i, records.values())]))
+            specs[i] = replace(spec, done=True)
+    if not all(spec.done for spec in specs):
         ray = init_ray(cfg)
         from ray.data import ActorPoolStrategy
 
@@ -339,7 +335,7 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
             f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})")
         # The sink lives on the driver's node, which owns --hdf5_dir.
         here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
-        ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": specs, "run": run_info},
+        ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": specs, "run": run},
                             batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=1),
                             max_restarts=0,
                             num_cpus=0, resources=here)

@@ -19,12 +19,12 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from ilias_ray.config import Config, UserError, settings_json
+from ilias_ray.config import Config, UserError
+from ilias_ray.hdf5_out import output_status, partial_path
+from ilias_ray.parts import PartsStore, finished_units, parts_location
 from ilias_ray.storage import Location, iter_lines
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "JPG", "JPEG", "PNG"}
-PARTIAL_SUFFIX = ".partial"
-PARTS_SUFFIX = ".parts"
 LISTING_THREADS = 16  # concurrent small reads (box files, part records) from a bucket
 
 
@@ -78,11 +78,6 @@ class Plan:
     done: list  # names of outputs that are already complete with the same settings
     selected_keys: Optional[frozenset] = None  # distractor key filter
     notes: list = field(default_factory=list)  # one line each, for the user, about skipped outputs
-
-
-def parts_location(out_dir: Location, name: str) -> Location:
-    """Where an output's finished units live until the output is assembled (`NAME.hdf5.parts/`)."""
-    return out_dir / (name + PARTS_SUFFIX)
 
 
 def read_selected_ids(where: str) -> list:
@@ -219,61 +214,11 @@ def library_versions() -> dict:
     return out
 
 
-def output_status(loc: Location, settings: dict) -> tuple:
-    """('missing' | 'same' | a one-line description of how an existing output differs, the
-    library versions it records)."""
-    if loc.info().type == pafs.FileType.NotFound:
-        return "missing", {}
-    try:
-        with loc.open_hdf5() as f:
-            recorded = f.attrs.get("ilias_ray_settings")
-            complete = bool(f.attrs.get("complete", False))
-            versions = json.loads(f.attrs.get("versions", "{}"))
-    except (OSError, ValueError):
-        return "it is not a readable HDF5 file", {}
-    if recorded is None or not complete:
-        return "it records no ilias-ray settings (made by another tool?)", versions
-    old = json.loads(recorded)
-    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-    return ("same" if not diff else "settings differ (" + "; ".join(diff) + ")"), versions
-
-
 def versions_note(recorded: dict) -> str:
     """'' when `recorded` are this run's library versions, else what differs, in a few words."""
     now = library_versions()
     diff = [f"{k} {recorded.get(k, '?')} (now {v})" for k, v in now.items() if recorded.get(k) != v]
     return f"made with {', '.join(diff)}" if diff else ""
-
-
-def finished_units(parts: Location, settings: dict) -> dict:
-    """Completion records {unit index: record} that an interrupted run of the same settings left
-    in `parts`. A record counts only if its part files are there with the sizes it names."""
-    if parts.info().type != pafs.FileType.Directory:
-        return {}
-    files = {rel: info.size for rel, info in parts.list() if info.type == pafs.FileType.File}
-    meta = _json_or_none(parts / "meta.json") if "meta.json" in files else None
-    if not meta or meta.get("fingerprint") != fingerprint(settings):
-        return {}
-    names = [n for n in files if n.endswith(".json") and n[:-5].isdigit()]
-    with ThreadPoolExecutor(LISTING_THREADS) as pool:
-        found = dict(zip(names, pool.map(lambda n: _json_or_none(parts / n), names)))
-    return {int(n[:-5]): rec for n, rec in found.items() if isinstance(rec, dict) and _parts_match(n[:-5], rec, files)}
-
-
-def _parts_match(k: str, record: dict, files: dict) -> bool:
-    """A unit's part files are all there, with the sizes its record names (else: redo the unit)."""
-    for ext in ("feat", "rows"):
-        size, want = files.get(f"{k}.{ext}"), record.get(f"{ext}_bytes")
-        if size is None or (want is not None and size != want):
-            return False
-    return True
-
-
-def _json_or_none(loc: Location):
-    try:
-        return json.loads(loc.read_bytes())
-    except ValueError:
-        return None
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -368,20 +313,12 @@ def drop_stale(cfg: Config, plan: Plan) -> None:
     none of whose units is kept, and a bucket's earlier staging copies (the bucket is the record).
     Only under the outputs' locks (lock.py): these may be another live run's files otherwise."""
     out_dir = Location.of(cfg.hdf5_dir)
-    staging = out_dir.staging()
     units = {u.uid: u for u in plan.units}
     for out in plan.outputs:
-        partial = os.path.join(staging, out.name + PARTIAL_SUFFIX)
+        partial = partial_path(out_dir, out.name)
         if os.path.exists(partial):
             os.remove(partial)
-        local_parts = os.path.join(staging, out.name + PARTS_SUFFIX)
-        if not out_dir.local and os.path.isdir(local_parts):
-            shutil.rmtree(local_parts)
+        PartsStore(out_dir, out.name).drop_staged()
         if not any(units[uid].record is not None for uid in out.units):
             out.parts.delete_dir()  # other settings, --overwrite, or nothing finished
 
-
-def fingerprint(settings: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(settings_json(settings).encode()).hexdigest()

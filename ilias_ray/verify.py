@@ -1,6 +1,7 @@
 """`ilias-ray verify --hdf5_dir DIR`: check every output file, print a table, fail on any problem.
 
-Checks per file: marked complete, datasets present, row counts agree, IDs unique (IDs the input
+Checks per file: marked complete, the datasets and attributes that hdf5_out declares present
+(datasets with their declared types), row counts agree, IDs unique (IDs the input
 itself repeats, recorded in `duplicate_index`, are warnings), no NaN/inf, unit-norm vectors,
 settings recorded; warnings for a unit (shard) that ended early and for a file with 0 rows.
 Across files: distractor chunk numbers have no gaps in the recorded shard range, and no run was
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.fs as pafs
 
+from ilias_ray import hdf5_out as schema
 from ilias_ray.config import UserError
+from ilias_ray.hdf5_out import FEATURES, INDEX, OFFSETS, SKIPPED_INDEX, SKIPPED_REASON
 from ilias_ray.storage import Location
 
 READ_ROWS = 8192  # rows read at a time: memory does not grow with the file
@@ -45,18 +48,17 @@ def norm_tolerance(dtype) -> float:
 
 
 def check_features(f, rep: Report, local: bool) -> None:
-    feats = f["features"]
+    feats = f[FEATURES.name]
     n = feats.shape[0]
     if local:
-        if "offsets" not in f:
-            rep.problems.append("local features without an 'offsets' dataset")
-            return
-        off = f["offsets"][()]
+        if OFFSETS.name not in f:
+            return  # check_schema reported it
+        off = f[OFFSETS.name][()]
         if len(off) != rep.rows + 1 or off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != n:
-            rep.problems.append(f"'offsets' ({len(off)} entries, last {off[-1] if len(off) else '-'}) do not "
+            rep.problems.append(f"'{OFFSETS.name}' ({len(off)} entries, last {off[-1] if len(off) else '-'}) do not "
                                 f"match {rep.rows} rows and {n} vectors")
     elif n != rep.rows:
-        rep.problems.append(f"'features' has {n} rows but 'index' has {rep.rows}")
+        rep.problems.append(f"'{FEATURES.name}' has {n} rows but '{INDEX.name}' has {rep.rows}")
     if n == 0 or feats.ndim != 2 or feats.shape[1] == 0:
         return
     tol = norm_tolerance(feats.dtype)
@@ -83,43 +85,62 @@ def check_file(loc: Location) -> Report:
     return rep
 
 
+def check_schema(f, rep: Report, local: bool) -> None:
+    """The file against the declared schema (hdf5_out.DATASETS, hdf5_out.ATTRS): every dataset
+    there with its declared type, every attribute there. Only for a file that records ilias-ray
+    settings (another tool's file is already one problem)."""
+    wanted = [d for d in schema.DATASETS if local or not d.local]
+    missing = [d.name for d in wanted if d.name not in f]
+    if missing:
+        rep.problems.append(f"missing dataset(s): {', '.join(missing)}")
+    for d in wanted:
+        if d.name in f and not schema.kind_matches(d, f[d.name].dtype):
+            rep.problems.append(f"'{d.name}' has dtype {f[d.name].dtype}, not the declared {d.kind}")
+    absent = [a for a in schema.ATTRS if a not in f.attrs and a != schema.A_COMPLETE]
+    if absent:
+        rep.problems.append(f"missing attribute(s): {', '.join(absent)}")
+
+
 def check_open_file(f, rep: Report) -> None:
     """The per-file checks on an open HDF5 file."""
-    missing = [d for d in ("index", "features") if d not in f]
+    missing = [d.name for d in (INDEX, FEATURES) if d.name not in f]
     if missing:
         rep.problems.append(f"missing dataset(s): {', '.join(missing)}")
         return
-    if not bool(f.attrs.get("complete", False)):
+    if not bool(f.attrs.get(schema.A_COMPLETE, False)):
         rep.problems.append("not marked complete")
     settings = {}
-    if "ilias_ray_settings" in f.attrs:
-        settings = json.loads(f.attrs["ilias_ray_settings"])
-        rep.run = json.loads(f.attrs.get("run", "{}"))
+    if schema.A_SETTINGS in f.attrs:
+        settings = json.loads(f.attrs[schema.A_SETTINGS])
+        rep.run = json.loads(f.attrs.get(schema.A_RUN, "{}"))
     else:
-        rep.problems.append("settings not recorded (no 'ilias_ray_settings' attribute)")
-    ids = _strings(f["index"])
+        rep.problems.append(f"settings not recorded (no '{schema.A_SETTINGS}' attribute)")
+    local = settings.get("pooling") == "local"
+    if settings:
+        check_schema(f, rep, local)
+    ids = _strings(f[INDEX.name])
     rep.rows = len(ids)
-    rep.dtype = str(f["features"].dtype)
-    rep.dim = int(f["features"].shape[1]) if f["features"].ndim == 2 else 0
-    if "num_rows" in f.attrs and int(f.attrs["num_rows"]) != rep.rows:
-        rep.problems.append(f"'num_rows' says {int(f.attrs['num_rows'])} but 'index' has {rep.rows}")
-    if "skipped_index" in f:
-        rep.skipped = f["skipped_index"].shape[0]
-        if "skipped_reason" not in f or f["skipped_reason"].shape[0] != rep.skipped:
-            rep.problems.append("'skipped_index' and 'skipped_reason' differ in length")
-    elif settings:
-        rep.problems.append("missing dataset: skipped_index")
+    rep.dtype = str(f[FEATURES.name].dtype)
+    rep.dim = int(f[FEATURES.name].shape[1]) if f[FEATURES.name].ndim == 2 else 0
+    recorded_rows = f.attrs.get(schema.A_ROWS)
+    if recorded_rows is not None and int(recorded_rows) != rep.rows:
+        rep.problems.append(f"'{schema.A_ROWS}' says {int(recorded_rows)} but '{INDEX.name}' has {rep.rows}")
+    if SKIPPED_INDEX.name in f:
+        rep.skipped = f[SKIPPED_INDEX.name].shape[0]
+        if SKIPPED_REASON.name not in f or f[SKIPPED_REASON.name].shape[0] != rep.skipped:
+            rep.problems.append(f"'{SKIPPED_INDEX.name}' and '{SKIPPED_REASON.name}' differ in length")
     values, counts = np.unique(np.array(ids, dtype=object), return_counts=True) if ids else ([], [])
     repeated = {str(v) for v, c in zip(values, counts) if c > 1}
-    expected = set(_strings(f["duplicate_index"])) if "duplicate_index" in f else set()
+    dup = schema.DUPLICATE_INDEX.name
+    expected = set(_strings(f[dup])) if dup in f else set()
     if repeated - expected:
         some = sorted(repeated - expected)
         rep.problems.append(f"{len(some)} repeated ID(s), e.g. {', '.join(some[:3])}")
     if repeated & expected:
         rep.warnings.append(f"{len(repeated & expected)} ID(s) repeated as in the input itself "
-                            f"(see 'duplicate_index')")
-    check_features(f, rep, local=settings.get("pooling") == "local")
-    for unit in json.loads(f.attrs.get("units", "[]")):
+                            f"(see '{dup}')")
+    check_features(f, rep, local=local)
+    for unit in json.loads(f.attrs.get(schema.A_UNITS, "[]")):
         if unit.get("end", "eof") != "eof":
             rep.warnings.append(f"unit {unit.get('name')} ended early ({unit['end']}): "
                                 "its rows before the break are kept")
@@ -167,8 +188,8 @@ def verify(hdf5_dir: str, out=print, strict: bool = False) -> int:
     where = Location.of(hdf5_dir)
     where.check_dir("--hdf5_dir")
     listing = sorted(where.list())
-    files = [n for n, info in listing if n.endswith(".hdf5") and info.type == pafs.FileType.File]
-    unfinished = [n for n, _ in listing if n.endswith((".hdf5.partial", ".hdf5.parts"))]
+    files = [n for n, info in listing if n.endswith(schema.SUFFIX) and info.type == pafs.FileType.File]
+    unfinished = [n for n, _ in listing if schema.unfinished(n)]
     if not files and not unfinished:
         raise UserError(f"no .hdf5 files in {where}")
     reports = [check_file(where / n) for n in files]

@@ -7,7 +7,9 @@ import os
 import h5py
 import numpy as np
 
-from ilias_ray.plan import finished_units, seq_id
+from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec
+from ilias_ray.parts import finished_units
+from ilias_ray.plan import seq_id
 from ilias_ray.read import IMAGE, MARKER, SKIP, marker_note
 from ilias_ray.sink import Sink
 from ilias_ray.storage import Location
@@ -17,10 +19,12 @@ SETTINGS = {"x": 1}
 
 
 def spec(tmp_path, units):
-    return {"name": "f.hdf5", "dir": Location.of(str(tmp_path)), "settings": SETTINGS, "units": units}
+    """units: (uid, name, count or None, size, record or None) each."""
+    return OutputSpec(name="f.hdf5", dir=Location.of(str(tmp_path)), settings=SETTINGS,
+                      units=tuple(UnitSpec(*u) for u in units))
 
 
-RUN = {"dtype": "float16", "compression": 0, "local": False, "run_settings": {}}
+RUN = RunInfo(dtype="float16", compression=0, local=False, run_settings={})
 
 
 def batch(rows):
@@ -52,9 +56,9 @@ def test_reorders_streams_and_finishes_atomically(tmp_path):
     peak = 0
     for s in range(0, len(order), 100):
         sink(batch([rows[i] for i in order[s : s + 100]]))
-        peak = max(peak, sum(len(u.buffer) for _, u in w.writers.values()))
+        peak = max(peak, sum(len(u.buffer) for _, u in w.cursors.values()))
         if s == 3000:
-            assert w.writers[0][1].pos > 2000  # shard 0's rows already streamed to its part file
+            assert w.cursors[0][1].pos > 2000  # shard 0's rows already streamed to its part file
             assert not (tmp_path / "f.hdf5").exists()
     assert peak <= 200  # bounded by how far rows arrive out of order, not by the chunk size
     assert 1 in w.records and not w.finished  # shard 1 is durable; the file waits for shard 0
