@@ -35,12 +35,14 @@ FEATURE_DTYPES = ("float16", "float32")
 @dataclass(frozen=True)
 class Field:
     """One dataset of an output file. `kind`: "features" (the run's dtype, one of FEATURE_DTYPES),
-    "int64", "ascii" or "utf-8" (variable-length strings); `local`: only with --pooling local."""
+    "int64", "ascii" or "utf-8" (variable-length strings); `local`: only with --pooling local;
+    `since_0_1`: added during 0.1, so files of earlier builds lack it."""
 
     name: str
     kind: str
     doc: str
     local: bool = False
+    since_0_1: bool = False  # older ilias-ray files may lack it: its absence is a warning, not a problem
 
 
 FEATURES = Field("features", "features", "vectors, L2-normalised, one per row (N x dim); (0, 0) when none")
@@ -48,7 +50,8 @@ INDEX = Field("index", "ascii", "row IDs, in input order")
 OFFSETS = Field("offsets", "int64", "row i's vectors are features[offsets[i]:offsets[i + 1]]", local=True)
 SKIPPED_INDEX = Field("skipped_index", "ascii", "IDs of inputs that have no row")
 SKIPPED_REASON = Field("skipped_reason", "utf-8", "why, one per skipped_index entry")
-DUPLICATE_INDEX = Field("duplicate_index", "ascii", "IDs the input holds more than once (each occurrence has a row)")
+DUPLICATE_INDEX = Field("duplicate_index", "ascii", "IDs the input holds more than once (each occurrence has a row)",
+                        since_0_1=True)
 DATASETS = (FEATURES, INDEX, OFFSETS, SKIPPED_INDEX, SKIPPED_REASON, DUPLICATE_INDEX)
 
 # Attributes: the settings (JSON, and their fingerprint), the run's own flags (JSON), library

@@ -90,15 +90,18 @@ def check_schema(f, rep: Report, local: bool) -> None:
     there with its declared type, every attribute there. Only for a file that records ilias-ray
     settings (another tool's file is already one problem)."""
     wanted = [d for d in schema.DATASETS if local or not d.local]
-    missing = [d.name for d in wanted if d.name not in f]
-    if missing:
-        rep.problems.append(f"missing dataset(s): {', '.join(missing)}")
+    missing = [d for d in wanted if d.name not in f]
+    if [d for d in missing if not d.since_0_1]:
+        rep.problems.append(f"missing dataset(s): {', '.join(d.name for d in missing if not d.since_0_1)}")
+    if [d for d in missing if d.since_0_1]:
+        rep.warnings.append(f"missing dataset(s): {', '.join(d.name for d in missing if d.since_0_1)} "
+                            "(made by an older ilias-ray?)")
     for d in wanted:
         if d.name in f and not schema.kind_matches(d, f[d.name].dtype):
             rep.problems.append(f"'{d.name}' has dtype {f[d.name].dtype}, not the declared {d.kind}")
     absent = [a for a in schema.ATTRS if a not in f.attrs and a != schema.A_COMPLETE]
-    if absent:
-        rep.problems.append(f"missing attribute(s): {', '.join(absent)}")
+    if absent:  # the numbers are checked above; an older ilias-ray wrote fewer attributes
+        rep.warnings.append(f"missing attribute(s): {', '.join(absent)} (made by an older ilias-ray?)")
 
 
 def check_open_file(f, rep: Report) -> None:
