@@ -60,7 +60,10 @@ def jpegs(shards) -> list:
 
 def decode_floor(data: list, cfg: dict) -> tuple:
     t = time.perf_counter()
-    arrays = [prepare(d, False, None, cfg)[0] for d in data]
+    from ilias_ray.pipeline import decoder
+
+    dec = decoder(Config(**cfg))
+    arrays = [prepare(d, False, None, dec)[0] for d in data]
     return len(data) / (time.perf_counter() - t), arrays
 
 
@@ -69,9 +72,10 @@ def model_floor(arrays: list, cfg: dict, threads: int, channels_last=None, chunk
     """Images/s of the model stage alone (best of `repeats` passes: this machine's timings are
     noisy); the keyword arguments override the stage's own choices."""
     from ilias_ray.embed import Embedder
+    from ilias_ray.pipeline import embedder_args
 
     before = torch.get_num_threads()
-    emb = Embedder(cfg, threads=threads)
+    emb = Embedder(**embedder_args(Config(**cfg)), threads=threads)
     if channels_last is not None:
         emb.set_channels_last(channels_last)
     if chunk_pixels is not None:

@@ -186,17 +186,19 @@ def worker() -> int:
     import pyarrow.compute as pc
     from ray.data.block import BlockAccessor
 
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import decoder
     from ilias_ray.plan import Unit
     from ilias_ray.preprocess import decode_batch
     from ilias_ray.read import MARKER, read_tar
     from ilias_ray.storage import Location
 
-    cfg = None
+    dec = None
     for line in sys.stdin:
         msg = json.loads(line)
         try:
             if "cfg" in msg:
-                cfg = msg["cfg"]
+                dec = decoder(Config(**msg["cfg"]))
                 for base in msg["bases"]:
                     Location.of(base).info()  # the filesystem (and its S3 client) is made once per process
                 out.write(json.dumps({"ready": True}) + "\n")
@@ -209,7 +211,7 @@ def worker() -> int:
                     rows += pc.sum(samples).as_py() or 0
                     nbytes += pc.sum(pc.binary_length(table["data"])).as_py() or 0
                     if msg["decode"]:
-                        decode_batch(BlockAccessor.for_block(table).to_batch_format("numpy"), cfg)
+                        decode_batch(BlockAccessor.for_block(table).to_batch_format("numpy"), dec)
             out.write(json.dumps({"rows": rows, "bytes": nbytes}) + "\n")
         except Exception as e:  # the parent raises it
             out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")

@@ -4,11 +4,14 @@ and `demo`."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import sys
+import typing
+from dataclasses import MISSING
 
-from ilias_ray.config import PARTITIONS, POOLINGS, TRANSFORMS, Config, UserError, bool_flag
+from ilias_ray.config import Config, UserError, bool_flag
 
 
 def _bool(value: str) -> bool:
@@ -22,55 +25,51 @@ def _auto_bool(value: str):
     return None if str(value).lower() == "auto" else _bool(value)
 
 
+def flag_type(name: str):
+    """The argparse `type` of a declared setting, from its annotation: int, a bool spelling
+    (bool_flag; `auto` too where None means "decide at run time"), or a plain string (None)."""
+    hint = typing.get_type_hints(Config)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if base is bool:
+        return _auto_bool if optional else _bool
+    return {int: int, str: None}[base]
+
+
 def add_extract_flags(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--dataset_dir", required=True, help="directory with the images, or with the tar shards")
-    a("--partition", default="image_queries", choices=PARTITIONS)
-    a("--hdf5_dir", required=True, help="directory for the HDF5 feature files")
-    a("--hdf5_name", default="features", help="base name of the HDF5 files")
-    a("--hdf5_compression", type=int, default=0, help="gzip level for the features dataset (0 = none)")
-    a("--overwrite", type=_bool, default=False, help="replace existing feature files")
-    a("--framework", default="timm", help="model codebase: timm, tv, och, fb, or text for text_queries")
-    a("--model", default="vit_large_patch16_siglip_384.webli", help="model name in the framework")
-    a("--pooling", default="head", choices=POOLINGS)
-    a("--batch_size", type=int, default=128, help="images per forward pass")
-    a("--webdl_batch_size", type=int, default=128, help="rows per batch sent to a model actor")
-    a("--transforms", default="RESIZE_LARGE", choices=TRANSFORMS)
-    a("--resolution", type=int, default=512)
-    a("--min_size", type=int, default=0, help="RESIZE_LARGE: zero-pad each side up to this size")
-    a("--multiscale", type=_bool, default=False)
-    a("--multirotate", type=_bool, default=False)
-    a("--masking", type=_bool, default=False)
-    a("--crop_resize", type=_bool, default=False)
-    a("--comp_fp16", type=_bool, default=True, help="fp16 autocast on CUDA (a CPU computes in fp32)")
-    a("--start_tar", type=int, default=0)
-    a("--total_tars", type=int, default=None, help="shards to process (default: all remaining)")
-    a("--tar_batch_size", type=int, default=10, help="shards per distractor HDF5 file")
-    a("--num_workers", type=int, default=8, help="concurrent decode tasks")
-    a("--store_fp16", type=_bool, default=True)
-    a("--selected_ids", default=None,
-      help="file or URI with one ID per line (mini-ILIAS, uned); a line may have more comma-separated columns: "
-           "only the first one is the ID. For folder partitions an ID is a path below --dataset_dir (no absolute "
-           "paths, no '..'); for distractors a tar key or SHARD.tar/KEY")
-    # ilias-ray additions
-    a("--skip_missing", type=_bool, default=False,
-      help="files listed in --selected_ids that do not exist are recorded as skipped instead of failing the run")
-    a("--checkpoint", default=None, help="local weights file in the format the model's hub ships")
-    a("--pretrained", type=_bool, default=True,
-      help="false: seeded random weights, no download (tests and demos)")
-    a("--trust_remote_code", type=_bool, default=False,
-      help="allow torch.hub to run a model repository's code (never by default)")
-    a("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
-    a("--model_actors", type=int, default=None,
-      help="max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, "
-           "or one single-threaded actor per CPU (at most one per 3 GiB of memory) without GPUs)")
-    a("--use_gpu", type=_auto_bool, default=None,
-      help="auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them")
+    """One `--name` per setting Config declares as a flag, with its default, choices and help."""
+    for f in Config.flags():
+        kw = dict(type=flag_type(f.name), help=f.metadata["help"] or None)
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{f.name}", **kw)
 
 
 def config_from_args(ns: argparse.Namespace) -> Config:
     fields = Config.__dataclass_fields__
     return Config(**{k: v for k, v in vars(ns).items() if k in fields})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help with its default, unless the flag is required or its help already says
+    what the default is. A help declared as a callable is made when --help is shown (it may
+    import the model registry, which the command line itself does not)."""
+
+    def _get_help_string(self, action):
+        if action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if callable(action.help):
+            action = copy.copy(action)
+            action.help = action.help()
+        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ilias-ray", description="ILIAS feature extraction on Ray Data")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ex = sub.add_parser("extract", help="extract features for one partition",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     add_extract_flags(ex)
     models = sub.add_parser("models", help="the benchmark's model table, or one model's details")
     models.add_argument("--framework", default=None)

@@ -1,15 +1,21 @@
-"""Run settings: the reference tool's flags plus ours, validated once, before any Ray work."""
+"""Run settings: the reference tool's flags plus ours, validated once, before any Ray work.
+
+Each setting is declared once, as a field of `Config`: its default, its `--flag` help, its choices
+or lower bound, and what it decides. The command line (cli.add_extract_flags), the validation of
+choices and bounds, the output fingerprint (Config.output_settings) and the settings a file records
+of its run (Config.run_settings) are all derived from these declarations.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 PARTITIONS = ("image_queries", "text_queries", "positives", "distractors", "uned")
 TRANSFORMS = ("RESIZE_LARGE", "RESIZE_SMALL", "RESIZE_CENTER", "RESIZE_SQUARE", "RESIZE_PAD")
-POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")
+POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")  # the one list: models/ takes it
 
 SCALES = (0.707, 1.0, 1.414)
 ANGLES = (0, 90, 180, 270)
@@ -29,72 +35,100 @@ def bool_flag(value: str) -> bool:
     raise ValueError(f"invalid value for a boolean flag: {value!r} (use true/false, on/off, 1/0)")
 
 
+def setting(default=MISSING, help: str = "", *, output: bool = False, run: bool = False, flag: bool = True,
+            choices: Optional[tuple] = None, minimum: Optional[int] = None):
+    """A Config field and everything said about it, in one place.
+
+    default: MISSING makes the flag required. help: the `--flag`'s help (a callable is called when
+    --help is shown: it may import what the command line itself must not). output: the setting
+    decides the numbers in an output file (it is in the fingerprint; a rerun must match it to
+    reuse a file). run: recorded in a file's `run` attribute (where and how it was made, not
+    what). flag: False for what validate() fills in. choices, minimum: checked by validate(), and
+    choices by argparse too."""
+    meta = dict(help=help, output=output, run=run, flag=flag, choices=choices, minimum=minimum)
+    return field(default=default, metadata=meta)
+
+
+def _frameworks_help() -> str:
+    from ilias_ray.models import FRAMEWORKS  # imports torch: only when --help is shown
+
+    return f"model codebase: one of {', '.join(FRAMEWORKS)} (text: the text tower, for --partition text_queries)"
+
+
 @dataclass
 class Config:
-    dataset_dir: str
-    hdf5_dir: str
-    partition: str = "image_queries"
-    hdf5_name: str = "features"
-    hdf5_compression: int = 0
-    overwrite: bool = False
-    framework: str = "timm"
-    model: str = "vit_large_patch16_siglip_384.webli"
-    pooling: str = "head"
-    batch_size: int = 128
-    webdl_batch_size: int = 128
-    transforms: str = "RESIZE_LARGE"
-    resolution: int = 512
-    min_size: int = 0
-    multiscale: bool = False
-    multirotate: bool = False
-    masking: bool = False
-    crop_resize: bool = False
-    comp_fp16: bool = True
-    store_fp16: bool = True
-    start_tar: int = 0
-    total_tars: Optional[int] = None
-    tar_batch_size: int = 10
-    num_workers: int = 8
-    selected_ids: Optional[str] = None
+    dataset_dir: str = setting(help="directory with the images, or with the tar shards", run=True)
+    hdf5_dir: str = setting(help="directory for the HDF5 feature files")
+    partition: str = setting("image_queries", "which part of ILIAS to embed", output=True, choices=PARTITIONS)
+    hdf5_name: str = setting("features", "base name of the HDF5 files")
+    hdf5_compression: int = setting(0, "gzip level for the features dataset (0 = none)")
+    overwrite: bool = setting(False, "replace existing feature files")
+    framework: str = setting("timm", _frameworks_help, output=True)
+    model: str = setting("vit_large_patch16_siglip_384.webli", "model name in the framework", output=True)
+    pooling: str = setting("head", "how a model's features become one vector (local: one per token)", output=True,
+                           choices=POOLINGS)
+    batch_size: int = setting(128, "images per forward pass", run=True, minimum=1)
+    webdl_batch_size: int = setting(128, "rows per batch sent to a model actor", minimum=1)
+    transforms: str = setting("RESIZE_LARGE", "how an image is resized to --resolution", output=True,
+                              choices=TRANSFORMS)
+    resolution: int = setting(512, "image size the transform resizes to", output=True, minimum=1)
+    min_size: int = setting(0, "RESIZE_LARGE: zero-pad each side up to this size", output=True, minimum=0)
+    multiscale: bool = setting(False, f"average the features of the image at scales {', '.join(map(str, SCALES))}",
+                               output=True)
+    multirotate: bool = setting(False, f"average the features of the image rotated by {', '.join(map(str, ANGLES))}"
+                                " degrees", output=True)
+    masking: bool = setting(False, "zero the pixels outside the query's boxes", output=True)
+    crop_resize: bool = setting(False, "crop a query to the union of its boxes before resizing", output=True)
+    comp_fp16: bool = setting(True, "fp16 autocast on CUDA (a CPU computes in fp32)", output=True)
+    store_fp16: bool = setting(True, "store features as float16 (false: float32)", output=True)
+    start_tar: int = setting(0, "first shard (distractors); a multiple of --tar_batch_size", run=True, minimum=0)
+    total_tars: Optional[int] = setting(None, "shards to process (default: all remaining)", run=True, minimum=1)
+    tar_batch_size: int = setting(10, "shards per distractor HDF5 file", run=True, minimum=1)
+    num_workers: int = setting(8, "concurrent decode tasks", minimum=0)
+    selected_ids: Optional[str] = setting(
+        None, "file or URI with one ID per line (mini-ILIAS, uned); a line may have more comma-separated columns: "
+        "only the first one is the ID. For folder partitions an ID is a path below --dataset_dir (no absolute "
+        "paths, no '..'); for distractors a tar key or SHARD.tar/KEY", run=True)
     # ilias-ray additions
-    skip_missing: bool = False  # listed files that do not exist become recorded skips
-    checkpoint: Optional[str] = None
-    pretrained: bool = True
-    trust_remote_code: bool = False
-    address: Optional[str] = None
-    model_actors: Optional[int] = None
-    use_gpu: Optional[bool] = None  # None: GPU actors when the cluster has GPUs
+    skip_missing: bool = setting(
+        False, "files listed in --selected_ids that do not exist are recorded as skipped instead of failing the run")
+    checkpoint: Optional[str] = setting(None, "local weights file in the format the model's hub ships", run=True)
+    pretrained: bool = setting(True, "false: seeded random weights, no download (tests and demos)", output=True)
+    trust_remote_code: bool = setting(False, "allow torch.hub to run a model repository's code (never by default)")
+    address: Optional[str] = setting(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
+    model_actors: Optional[int] = setting(
+        None, "max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, or one "
+        "single-threaded actor per CPU (at most one per 3 GiB of memory) without GPUs)", minimum=1)
+    use_gpu: Optional[bool] = setting(
+        None, "auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them")
     # Filled in by validate(): digests that identify what made an output.
-    checkpoint_sha256: Optional[str] = field(default=None)
-    selected_ids_sha256: Optional[str] = field(default=None)
+    checkpoint_sha256: Optional[str] = setting(None, "sha256 of --checkpoint", output=True, flag=False)
+    selected_ids_sha256: Optional[str] = setting(None, "sha256 of --selected_ids", output=True, flag=False)
+
+    @staticmethod
+    def default(name: str):
+        """The declared default of a setting."""
+        return Config.__dataclass_fields__[name].default
 
     def validate(self) -> "Config":
-        if self.partition not in PARTITIONS:
-            raise UserError(f"--partition must be one of {', '.join(PARTITIONS)}, not {self.partition!r}")
-        if self.transforms not in TRANSFORMS:
-            raise UserError(f"--transforms must be one of {', '.join(TRANSFORMS)}, not {self.transforms!r}")
-        if self.pooling not in POOLINGS:
-            raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        for f in fields(self):  # the declared choices
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if choices and value not in choices:
+                raise UserError(f"--{f.name} must be one of {', '.join(choices)}, not {value!r}")
         if (self.framework == "text") != (self.partition == "text_queries"):
             raise UserError("--partition text_queries goes with --framework text (and only it)")
         if self.pooling == "local" and (self.multiscale or self.multirotate):
             raise UserError("--pooling local cannot be averaged over --multiscale/--multirotate views")
-        for name in ("resolution", "batch_size", "tar_batch_size", "webdl_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be a positive integer")
-        for name in ("min_size", "start_tar", "num_workers"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0")
-        if self.total_tars is not None and self.total_tars < 1:
-            raise UserError("--total_tars must be a positive integer")
+        for f in fields(self):  # the declared lower bounds (None: not given)
+            low, value = f.metadata["minimum"], getattr(self, f.name)
+            if low is not None and value is not None and value < low:
+                raise UserError(f"--{f.name} must be {'a positive integer' if low == 1 else f'>= {low}'}")
         if not 0 <= self.hdf5_compression <= 9:
             raise UserError("--hdf5_compression is a gzip level: 0..9")
         if self.start_tar % self.tar_batch_size:
             raise UserError(
                 f"--start_tar ({self.start_tar}) must be divisible by --tar_batch_size ({self.tar_batch_size})"
             )
-        if self.model_actors is not None and self.model_actors < 1:
-            raise UserError("--model_actors must be a positive integer")
         from ilias_ray.storage import Location, check_credentials_free
 
         for flag, where in (("--dataset_dir", self.dataset_dir), ("--hdf5_dir", self.hdf5_dir),
@@ -114,13 +148,20 @@ class Config:
         return self
 
     def output_settings(self) -> dict:
-        """What decides the numbers in an output file; a rerun must match these to reuse it."""
-        keys = [
-            "partition", "framework", "model", "pooling", "transforms", "resolution", "min_size",
-            "multiscale", "multirotate", "masking", "crop_resize", "comp_fp16", "store_fp16",
-            "checkpoint_sha256", "pretrained", "selected_ids_sha256",
-        ]
-        return {k: getattr(self, k) for k in keys}
+        """What decides the numbers in an output file (the settings declared output=True); a rerun
+        must match these to reuse it. Their names and values are the fingerprint of old files:
+        renaming one, or changing how its value is written, makes every finished file stale."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["output"]}
+
+    def run_settings(self) -> dict:
+        """Where and how an output was made, not what is in it (the settings declared run=True):
+        a file's `run` attribute records them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["run"]}
+
+    @staticmethod
+    def flags() -> list:
+        """The declarations of the `ilias-ray extract` flags, in declaration order."""
+        return [f for f in fields(Config) if f.metadata["flag"]]
 
 
 def settings_json(settings: dict) -> str:

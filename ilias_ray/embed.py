@@ -8,6 +8,8 @@ SKIP and MARKER rows pass through untouched.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -16,10 +18,9 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ilias_ray import faults
-from ilias_ray.config import ANGLES, SCALES, UserError
+from ilias_ray.config import UserError
 from ilias_ray.models import build
 from ilias_ray.models.pooling import pool
-from ilias_ray.preprocess import pad_target
 from ilias_ray.read import IMAGE, TEXT
 from ilias_ray.storage import local_copy
 
@@ -77,15 +78,37 @@ def batch_in_flight(actor_id: str):
     return got.decode() if got else None
 
 
-class Embedder:
-    """Ray Data callable class: one instance per actor, the model loaded once."""
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which model a model actor builds, and from which weights: what `ilias_ray.models.build`
+    needs of the run's settings, and nothing else."""
 
-    def __init__(self, cfg: dict, threads: int = 0):
-        self.cfg = cfg
+    framework: str
+    model: str
+    checkpoint: Optional[str]  # a local path or a URI; None: the hub's weights (or random ones)
+    checkpoint_sha256: Optional[str]  # the --checkpoint's digest, checked on each node's copy
+    pretrained: bool
+    trust_remote_code: bool
+
+
+class Embedder:
+    """Ray Data callable class: one instance per actor, the model loaded once.
+
+    It is given only what the model stage needs (pipeline.embedder_args makes it from a Config):
+    the backbone; the pooling; the test-time views (scales and angles, (1.0,) and (0,) for none),
+    whose features are averaged; the CenterPadding size of the transform (0 = none); the images
+    per forward pass; fp16 autocast (on CUDA only) and the stored dtype."""
+
+    def __init__(self, backbone: BackboneSpec, *, pooling: str, scales: tuple, angles: tuple, pad: int,
+                 batch_size: int, comp_fp16: bool, store_fp16: bool, threads: int = 0):
+        self.pooling = pooling
+        self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A --checkpoint in a bucket is downloaded once per node (and checked against its sha256).
-        ckpt = cfg.get("checkpoint")
-        self.bb = build(dict(cfg, checkpoint=local_copy(ckpt, cfg.get("checkpoint_sha256"))) if ckpt else cfg)
+        b = backbone
+        ckpt = local_copy(b.checkpoint, b.checkpoint_sha256) if b.checkpoint else b.checkpoint
+        self.bb = build(dict(framework=b.framework, model=b.model, checkpoint=ckpt, pretrained=b.pretrained,
+                             trust_remote_code=b.trust_remote_code))
         self.bb.model.to(self.device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -98,12 +121,12 @@ class Embedder:
         self.scale = 1 / (255 * self.std)
         self.shift = -self.mean / self.std
         self.chunk_pixels = CPU_CHUNK_PIXELS
-        self.pad = pad_target(cfg["transforms"], cfg["resolution"], cfg["min_size"])
-        self.scales = SCALES if cfg["multiscale"] else (1.0,)
-        self.angles = ANGLES if cfg["multirotate"] else (0,)
+        self.pad = pad
+        self.scales = tuple(scales)
+        self.angles = tuple(angles)
         # The reference computes in fp32 on a CPU; autocast only applies on CUDA.
-        self.autocast = self.device.type == "cuda" and cfg["comp_fp16"]
-        self.out_dtype = np.float16 if cfg["store_fp16"] else np.float32
+        self.autocast = self.device.type == "cuda" and comp_fp16
+        self.out_dtype = np.float16 if store_fp16 else np.float32
         self.fits = {}  # (h, w) -> the batch size that fit after an out-of-memory error
 
     def set_channels_last(self, on: bool) -> None:
@@ -118,10 +141,10 @@ class Embedder:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            if self.cfg["pooling"] == "head":
+            if self.pooling == "head":
                 f = self.bb.head(x)
             else:
-                f = pool(self.cfg["pooling"], self.bb.features(x), self.bb.token_pool)
+                f = pool(self.pooling, self.bb.features(x), self.bb.token_pool)
         return F.normalize(f.float(), dim=-1)
 
     def chunk(self, hw) -> int:
@@ -183,7 +206,7 @@ class Embedder:
         feats = [b""] * n
         nvec = np.zeros(n, np.int32)
         kinds = batch["kind"]
-        bs = self.cfg["batch_size"]
+        bs = self.batch_size
 
         def store(rows, f):
             f = f.cpu().numpy().astype(self.out_dtype)

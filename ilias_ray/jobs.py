@@ -10,6 +10,7 @@ import re
 import sys
 
 from ilias_ray.cli import main as cli_main
+from ilias_ray.config import Config
 from ilias_ray.models.table import benchmark_rows
 from ilias_ray.models.text import TEXT_MODELS
 from ilias_ray.storage import child
@@ -22,8 +23,8 @@ def has_text_tower(framework: str, model: str) -> bool:
     return model in TEXT_MODELS
 
 
-def model_commands(framework, model, core, yfcc, hdf5_dir, pooling="head", resolution=512, start_tar=0,
-                   total_tars=10, text="auto", extra=()) -> list:
+def model_commands(framework, model, core, yfcc, hdf5_dir, pooling=Config.default("pooling"),
+                   resolution=Config.default("resolution"), start_tar=0, total_tars=10, text="auto", extra=()) -> list:
     """The `ilias-ray extract` argument lists of one model's run, in the reference's order."""
     common = ["--hdf5_dir", hdf5_dir, *extra]
     image = ["--framework", framework, "--model", model, "--pooling", pooling, "--resolution", str(resolution)]

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 
 from ilias_ray import faults, models
-from ilias_ray.config import Config, UserError
+from ilias_ray.config import ANGLES, SCALES, Config, UserError
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec, assemble
 from ilias_ray.lock import OutputLocks
 from ilias_ray.plan import Plan, check_output_dir, drop_stale, make_plan
@@ -161,12 +161,9 @@ def output_specs(plan: Plan) -> list:
 
 def run_info(cfg: Config) -> RunInfo:
     """What every output of this run shares: vector dtype, compression, pooling, the run's flags."""
-    c = asdict(cfg)
     return RunInfo(dtype="float16" if cfg.store_fp16 else "float32", compression=cfg.hdf5_compression,
                    local=cfg.pooling == "local",
-                   run_settings={k: redact(c[k]) if isinstance(c[k], str) else c[k]
-                                 for k in ("dataset_dir", "checkpoint", "selected_ids", "batch_size", "start_tar",
-                                           "total_tars", "tar_batch_size")})
+                   run_settings={k: redact(v) if isinstance(v, str) else v for k, v in cfg.run_settings().items()})
 
 
 class Progress:
@@ -262,10 +259,31 @@ def run(cfg: Config) -> dict:
     return summary
 
 
+def decoder(cfg: Config):
+    """The decode stage's settings (preprocess.Decoder), unpacked from the run's."""
+    from ilias_ray.preprocess import Decoder
+
+    return Decoder(transforms=cfg.transforms, resolution=cfg.resolution, min_size=cfg.min_size,
+                   crop_resize=cfg.crop_resize, masking=cfg.masking)
+
+
+def embedder_args(cfg: Config) -> dict:
+    """The model stage's constructor arguments (embed.Embedder), unpacked from the run's settings."""
+    from ilias_ray.embed import BackboneSpec
+
+    backbone = BackboneSpec(framework=cfg.framework, model=cfg.model, checkpoint=cfg.checkpoint,
+                            checkpoint_sha256=cfg.checkpoint_sha256, pretrained=cfg.pretrained,
+                            trust_remote_code=cfg.trust_remote_code)
+    return dict(backbone=backbone, pooling=cfg.pooling, scales=SCALES if cfg.multiscale else (1.0,),
+                angles=ANGLES if cfg.multirotate else (0,), pad=decoder(cfg).pad, batch_size=cfg.batch_size,
+                comp_fp16=cfg.comp_fp16, store_fp16=cfg.store_fp16)
+
+
 def build_dataset(cfg: Config, plan: Plan, ray):
     """read + decode (fused into one task: bytes are decoded where they are read) -> model actors.
 
-    Rows leaving it carry features and bookkeeping only, never pixels or file bytes.
+    Rows leaving it carry features and bookkeeping only, never pixels or file bytes. The stages
+    get the few settings each needs (decoder, embedder_args), never the whole Config.
     """
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -273,7 +291,6 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     from ilias_ray.preprocess import decode_batch
     from ilias_ray.read import IliasDatasource
 
-    c = asdict(cfg)
     pool = model_pool(cfg, ray)
     source = IliasDatasource(plan.units, plan.selected_keys)
     # A few hundred folder images are one read task: no point starting more actors than that.
@@ -281,9 +298,9 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))
     ds = ray.data.read_datasource(source, num_cpus=pool.decode_cpus, compute=decoders,
                                   override_num_blocks=source.num_tasks())
-    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": c}, batch_size=None, batch_format="numpy",
+    ds = ds.map_batches(decode_batch, fn_kwargs={"dec": decoder(cfg)}, batch_size=None, batch_format="numpy",
                         compute=decoders, num_cpus=pool.decode_cpus)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": c, "threads": pool.threads},
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs=dict(embedder_args(cfg), threads=pool.threads),
                         batch_size=cfg.webdl_batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
                         max_restarts=MODEL_ACTOR_RESTARTS, max_task_retries=MODEL_BATCH_RETRIES, **pool.actor_res)

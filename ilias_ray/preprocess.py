@@ -11,6 +11,7 @@ import io
 import json
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -171,23 +172,41 @@ def decode_image(data: bytes, exif: bool) -> Image.Image:
     return img
 
 
-def prepare(data: bytes, exif: bool, boxes: list, cfg: dict):
+@dataclass(frozen=True)
+class Decoder:
+    """What the decode stage needs of the run's settings, and nothing else (a decode task gets
+    this, not the whole Config). The transform and its padding size decide the model stage's
+    input too: Embedder takes `pad` from here."""
+
+    transforms: str
+    resolution: int
+    min_size: int
+    crop_resize: bool
+    masking: bool
+
+    @property
+    def pad(self) -> int:
+        """The CenterPadding size of the transform (0 = none)."""
+        return pad_target(self.transforms, self.resolution, self.min_size)
+
+
+def prepare(data: bytes, exif: bool, boxes: list, dec: Decoder):
     """Decoded, cropped and resized uint8 HWC array, plus the mask (uint8 HW or None)."""
     img = decode_image(data, exif)
     origin = (0, 0)
-    if boxes and cfg["crop_resize"]:
+    if boxes and dec.crop_resize:
         x0, y0, x1, y1 = box_union(boxes)
         if (x1 - x0) * (y1 - y0) > MAX_SOURCE_PIXELS:  # boxes past the image's edges crop larger
             raise ImageTooLarge(f"the boxes' union {x1 - x0}x{y1 - y0} is over {MAX_SOURCE_PIXELS} pixels "
                                 "(Pillow's limit)")
         img = img.crop((x0, y0, x1, y1))
         origin = (x0, y0)
-    check_resize(img.width, img.height, cfg["transforms"], cfg["resolution"])
-    out = resize(img, cfg["transforms"], cfg["resolution"])
+    check_resize(img.width, img.height, dec.transforms, dec.resolution)
+    out = resize(img, dec.transforms, dec.resolution)
     arr = np.asarray(out, dtype=np.uint8)
     mask = None
-    if boxes and cfg["masking"]:
-        th, tw = padded(arr.shape[0], arr.shape[1], pad_target(cfg["transforms"], cfg["resolution"], cfg["min_size"]))
+    if boxes and dec.masking:
+        th, tw = padded(arr.shape[0], arr.shape[1], dec.pad)
         # Boxes are in original pixels; with --crop_resize they shift by the crop origin.
         mask = resize_mask(box_mask(img.width, img.height, boxes, origin), th, tw)
     return arr, mask
@@ -216,7 +235,7 @@ def text_problem(raw: bytes):
     return None
 
 
-def decode_batch(batch: dict, cfg: dict) -> dict:
+def decode_batch(batch: dict, dec: Decoder) -> dict:
     """Ray Data map_batches function: image rows -> IMAGE (pixels) or SKIP (reason); text rows
     pass on as they are, or become SKIP rows if they are not valid UTF-8 or too large."""
     n = len(batch["seq"])
@@ -240,7 +259,7 @@ def decode_batch(batch: dict, cfg: dict) -> dict:
             continue
         boxes = json.loads(batch["boxes"][i]) if batch["boxes"][i] else None
         try:
-            arr, m = prepare(data[i], k == FILE_IMAGE, boxes, cfg)
+            arr, m = prepare(data[i], k == FILE_IMAGE, boxes, dec)
         except Exception as e:  # any decode failure is recorded, not raised
             kinds[i], notes[i] = SKIP, skip_reason(e)
         else:

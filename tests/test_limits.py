@@ -58,7 +58,7 @@ def guard(monkeypatch):
 def cfg(transforms="RESIZE_LARGE", resolution=64, **over):
     c = {"transforms": transforms, "resolution": resolution, "min_size": 0, "crop_resize": False, "masking": False}
     c.update(over)
-    return c
+    return preprocess.Decoder(**c)
 
 
 def batch(rows: list) -> dict:

@@ -24,6 +24,7 @@ from ilias_ray import embed, plan, preprocess
 from ilias_ray.config import Config
 from ilias_ray.preprocess import object_column as objects
 from ilias_ray.models import timm_models
+import stages
 
 VIT = "vit_tiny_patch16_224"
 CNN = "resnet18"
@@ -56,7 +57,7 @@ def embedder(**over):
     """One Embedder per distinct config (model creation is the slow part)."""
     key = tuple(sorted(over.items()))
     if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = embed.Embedder(make_cfg(**over))
+        _EMBEDDERS[key] = stages.embedder(make_cfg(**over))
     return _EMBEDDERS[key]
 
 
@@ -398,8 +399,8 @@ def test_prepare_resize_pad_with_mask():
     w, h = 45, 30
     img = rgb_image(5, w, h)
     boxes = [[4, 5, 10, 12], [30, 20, 40, 40]]
-    cfg = make_cfg(transforms="RESIZE_PAD", resolution=40, masking=True, crop_resize=False)
-    arr, mask = preprocess.prepare(png_bytes(img), True, boxes, cfg)
+    dec = stages.decoder(make_cfg(transforms="RESIZE_PAD", resolution=40, masking=True, crop_resize=False))
+    arr, mask = preprocess.prepare(png_bytes(img), True, boxes, dec)
     size = ref_large_side(w, h, 40)
     np.testing.assert_array_equal(arr, np.asarray(img.resize(size, Image.Resampling.BICUBIC)))
     # the mask is made on the original image and resized to the (padded) tensor size
@@ -411,8 +412,8 @@ def test_prepare_crop_resize():
     w, h = 60, 40
     img = rgb_image(6, w, h)
     boxes = [[10, 5, 20, 10], [-3, 8, 15, 50]]
-    cfg = make_cfg(transforms="RESIZE_LARGE", resolution=32, masking=False, crop_resize=True)
-    arr, mask = preprocess.prepare(png_bytes(img), True, boxes, cfg)
+    dec = stages.decoder(make_cfg(transforms="RESIZE_LARGE", resolution=32, masking=False, crop_resize=True))
+    arr, mask = preprocess.prepare(png_bytes(img), True, boxes, dec)
     assert mask is None
     crop = img.crop((0, 5, 30, 58))  # union: x 0..30, y 5..58 (PIL pads past the bottom)
     exp = crop.resize(ref_large_side(30, 53, 32), Image.Resampling.BICUBIC)
@@ -504,7 +505,7 @@ def test_cls_pooling_needs_vit():
 
     with pytest.raises(UserError, match="not supported"):
         check(make_cfg(model=CNN, pooling="cls"))  # refused on the driver, before Ray
-    emb = embed.Embedder(make_cfg(model=CNN, pooling="cls"))
+    emb = stages.embedder(make_cfg(model=CNN, pooling="cls"))
     with pytest.raises(ValueError, match="class token"):
         emb.embed_pixels(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
 
@@ -660,8 +661,8 @@ def test_embedder_call_groups_shapes_and_masks():
     """The Ray batch callable: rows of different shapes (and masks) embed as if alone."""
     from ilias_ray.read import IMAGE, SKIP
 
-    emb = embed.Embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE",
-                                  resolution=64, min_size=40, masking=True, store_fp16=True))
+    emb = stages.embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE",
+                                   resolution=64, min_size=40, masking=True, store_fp16=True))
     model = emb.bb.model
     shapes = [(33, 47), (50, 30), (33, 47), None, (33, 47)]
     masks = [True, False, False, None, True]
@@ -736,9 +737,9 @@ def test_prepare_tar_vs_folder_exif():
     arr = rng_pixels(99, 24, 40, 3)
     data = jpeg_with_orientation(arr, 6)
     raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    cfg = make_cfg(transforms="RESIZE_LARGE", resolution=20)
-    tar_arr, _ = preprocess.prepare(data, False, None, cfg)
-    folder_arr, _ = preprocess.prepare(data, True, None, cfg)
+    dec = stages.decoder(make_cfg(transforms="RESIZE_LARGE", resolution=20))
+    tar_arr, _ = preprocess.prepare(data, False, None, dec)
+    folder_arr, _ = preprocess.prepare(data, True, None, dec)
     assert tar_arr.shape == (12, 20, 3)
     assert folder_arr.shape == (20, 12, 3)
     exp = Image.fromarray(np.ascontiguousarray(np.rot90(raw, -1))).resize((12, 20), Image.Resampling.BICUBIC)
@@ -766,8 +767,8 @@ def test_decode_modes_end_rgb(mode):
 
 def test_cpu_chunks_do_not_change_features():
     """On a CPU a batch runs in small forward passes (cache-sized); the features must not change."""
-    emb = embed.Embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE", resolution=64,
-                                  min_size=40, multiscale=True))
+    emb = stages.embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE", resolution=64,
+                                   min_size=40, multiscale=True))
     px = torch.from_numpy(rng_pixels(7, 5, 33, 47, 3))
     mask = torch.from_numpy(rng_pixels(8, 5, 40, 47) % 2)
     assert emb.chunk((33, 47)) >= 5  # small images: the whole batch in one pass

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from stages import embedder
 
 import ilias_ray.models
 from ilias_ray.config import Config, UserError
-from ilias_ray.embed import Embedder
 from ilias_ray.models import check, cvn
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
@@ -71,7 +71,7 @@ def test_builds_random_and_embeds(model):
         assert bb.features is None and bb.patch == 0
         assert bb.model.head.pool.p.item() == 3.0 and not bb.model.training
         return
-    emb = Embedder(c)
+    emb = embedder(c)
     f = emb.embed_pixels(PIXELS)
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
     unit(f)
@@ -83,7 +83,7 @@ def test_builds_random_and_embeds(model):
 
 def random_features(model):
     if model not in RANDOM:
-        RANDOM[model] = Embedder(cfg(model)).embed_pixels(PIXELS)
+        RANDOM[model] = embedder(cfg(model)).embed_pixels(PIXELS)
     return RANDOM[model]
 
 
@@ -125,7 +125,7 @@ def test_release_checkpoint_reproduces_features(tmp_path):
     path = release_checkpoint(tmp_path / "random.pyth", rnd)
     for model in R50:
         want = random_features(model)
-        got = Embedder(cfg(model, checkpoint=path, pretrained=True)).embed_pixels(PIXELS)
+        got = embedder(cfg(model, checkpoint=path, pretrained=True)).embed_pixels(PIXELS)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -222,7 +222,7 @@ def test_clamp_activation_rule():
 def test_channels_are_flipped_to_bgr():
     # Keep only the stem's input channel 0: the model then sees only its channel 0, which must be the
     # image's BLUE channel (the RGB tensor is flipped to BGR before the stem).
-    emb = Embedder(cfg("cvnet_resnet50"))
+    emb = embedder(cfg("cvnet_resnet50"))
     with torch.no_grad():
         emb.bb.model.stem.conv.weight[:, 1:] = 0
     base = emb.embed_pixels(PIXELS)

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 import ilias_ray.models
 from ilias_ray.config import Config, UserError
-from ilias_ray.embed import Embedder, pad_to_multiple
+from ilias_ray.embed import pad_to_multiple
 from ilias_ray.models import IMAGENET_MEAN, IMAGENET_STD, check, framework
+from stages import embedder
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
 PIXELS = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -117,7 +118,7 @@ def test_unic_release_checkpoint_reproduces_the_encoder(tmp_path, reg):
     path = unic_file(tmp_path / "unic_l.pth", enc, args)
     c = cfg("unc", "unic_l", checkpoint=path)
     assert check(c).patch == 14
-    emb = Embedder(c)
+    emb = embedder(c)
     assert emb.bb.patch == 14 and emb.bb.mean == IMAGENET_MEAN and emb.bb.std == IMAGENET_STD
     with torch.no_grad():
         # native 56 px: the position table is used as is, so timm's own forward is the reference
@@ -171,7 +172,7 @@ def test_unic_errors_name_the_file(tmp_path, monkeypatch):
 
     # Random weights (pretrained=False) are seeded; a small stand-in for the ViT-L keeps this fast.
     monkeypatch.setitem(unc.MODELS, "unic_l", ("vit_small", 14, 56))
-    a, b = (Embedder(cfg("unc", "unic_l")).embed_pixels(PIXELS) for _ in range(2))
+    a, b = (embedder(cfg("unc", "unic_l")).embed_pixels(PIXELS) for _ in range(2))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert a.shape == (2, 384)
 
@@ -204,7 +205,7 @@ def test_hf_checkpoint_dir_reproduces_get_image_features(tmp_path, kind, name, p
     model.save_pretrained(tmp_path / kind)
     c = cfg("hf", name, checkpoint=str(tmp_path / kind))
     assert check(c).poolings == ("head",)
-    emb = Embedder(c)
+    emb = embedder(c)
     assert emb.bb.mean == emb.bb.std == (0.5, 0.5, 0.5) and emb.bb.patch == 16
     assert emb.bb.model.prefix == prefix
     with torch.no_grad():
@@ -238,7 +239,7 @@ def test_hf_checkpoint_dir_reproduces_get_image_features(tmp_path, kind, name, p
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(2), rtol=0, atol=1e-5)
 
     # The weights file itself (beside its config.json) loads too; and the text tower is not kept.
-    same = Embedder(cfg("hf", name, checkpoint=str(tmp_path / kind / "model.safetensors")))
+    same = embedder(cfg("hf", name, checkpoint=str(tmp_path / kind / "model.safetensors")))
     torch.testing.assert_close(same.embed_pixels(PIXELS), f, rtol=1e-5, atol=1e-6)
     assert not any("text" in k for k in emb.bb.model.state_dict())
 
@@ -283,6 +284,8 @@ def test_hf_hub_cache_offline(tmp_path):
 import dataclasses, torch, torch.nn.functional as F, transformers, ilias_ray.models as M
 from ilias_ray.config import Config
 from ilias_ray.embed import Embedder
+from ilias_ray.pipeline import embedder_args
+embedder = lambda s: Embedder(**embedder_args(Config(**s)))
 M.FRAMEWORKS["hf"] = "ilias_ray.models.hf"
 c = dict(dataclasses.asdict(Config(dataset_dir=".", hdf5_dir=".")), framework="hf", pooling="head",
          model="google/siglip-base-patch16-224", pretrained=True)
@@ -292,9 +295,9 @@ ref = transformers.SiglipModel.from_pretrained({str(snap)!r}).eval()
 with torch.no_grad():
     want = ref.get_image_features(pixel_values=x.permute(0, 3, 1, 2).float() / 127.5 - 1)
     want = F.normalize(getattr(want, "pooler_output", want), dim=-1)
-torch.testing.assert_close(Embedder(c).embed_pixels(x), want, rtol=1e-4, atol=1e-5)
-a = Embedder(dict(c, pretrained=False)).embed_pixels(x)  # the cached config, seeded random weights
-b = Embedder(dict(c, pretrained=False)).embed_pixels(x)
+torch.testing.assert_close(embedder(c).embed_pixels(x), want, rtol=1e-4, atol=1e-5)
+a = embedder(dict(c, pretrained=False)).embed_pixels(x)  # the cached config, seeded random weights
+b = embedder(dict(c, pretrained=False)).embed_pixels(x)
 assert torch.equal(a, b) and not torch.allclose(a, want)
 print("ok")
 """

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import ilias_ray.models
 from ilias_ray.config import Config, UserError
-from ilias_ray.embed import Embedder
 from ilias_ray.models import OPENAI_MEAN, OPENAI_STD, check
 from ilias_ray.models import unicom
+from stages import embedder
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
 PIXELS = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -63,15 +63,15 @@ def test_specs(registered, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["unicom_vit_base_patch16_224", "unicom_vit_base_patch16_gldv2"])
 def test_embeds_every_pooling(registered, name):
-    emb = Embedder(cfg(name, pooling="head"))
+    emb = embedder(cfg(name, pooling="head"))
     m = emb.bb.model
     side = 512 // 16 if name.endswith("gldv2") else 224 // 16
     assert m.pos_embed.shape == (1, side * side, 768)
     assert m.feature[0].weight.shape == (768, 768 * side * side)
     for p in POOLINGS:
-        emb.cfg["pooling"] = p
+        emb.pooling = p
         # check() asks for --checkpoint whenever a model has no public weights, even with --pretrained false.
-        check(dict(emb.cfg, checkpoint=None if name.endswith("_224") else "ViT_B_16_GLDv2.pt"))
+        check(cfg(name, pooling=p, checkpoint=None if name.endswith("_224") else "ViT_B_16_GLDv2.pt"))
         f = emb.embed_pixels(PIXELS)
         assert torch.isfinite(f).all(), p
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
@@ -164,16 +164,16 @@ def test_head_matches_independent_recomputation(name, patch, emb_dim, sizes):
 
 def test_fp16_checkpoint_with_prefixes(registered, tmp_path):
     name = "unicom_vit_base_patch32_224"
-    random = Embedder(cfg(name, pooling="head"))
+    random = embedder(cfg(name, pooling="head"))
     sd = random.bb.model.state_dict()
     # The released-file situation: fp16 values, torch.compile's `_orig_mod.` prefix (here under DDP's
     # `module.`), and no BatchNorm step counters.
     path = tmp_path / "ViT_B_32_finetune.pt"
     torch.save({"state_dict": {f"module._orig_mod.{k}": (v.half() if v.is_floating_point() else v)
                                for k, v in sd.items() if "num_batches_tracked" not in k}}, path)
-    loaded = Embedder(cfg(name, pooling="head", checkpoint=str(path)))
+    loaded = embedder(cfg(name, pooling="head", checkpoint=str(path)))
     for pooling in ("head", "gem"):
-        random.cfg["pooling"] = loaded.cfg["pooling"] = pooling
+        random.pooling = loaded.pooling = pooling
         a, b = random.embed_pixels(PIXELS), loaded.embed_pixels(PIXELS)
         assert not torch.equal(a, b)  # the weights really were rounded and reloaded
         torch.testing.assert_close(a, b, rtol=0, atol=5e-3)

@@ -12,10 +12,10 @@ import torchvision
 from safetensors.torch import save_file
 
 from ilias_ray.config import Config, UserError
-from ilias_ray.embed import Embedder
 from ilias_ray.preprocess import object_column as objects
 from ilias_ray.models import IMAGENET_MEAN, IMAGENET_STD, check, framework
 from ilias_ray.models.table import benchmark_rows
+from stages import embedder
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
 # An image whose sides are multiples of neither 14 nor 16 (nor 8), and not square.
@@ -43,10 +43,10 @@ def cfg(fw, model, **kw):
 @pytest.mark.parametrize("fw,model", CASES)
 def test_builds_and_embeds_every_supported_pooling(fw, model):
     spec = framework(fw).spec(model)
-    emb = Embedder(cfg(fw, model))
+    emb = embedder(cfg(fw, model))
     for pooling in spec.poolings:
-        emb.cfg["pooling"] = pooling  # one model, every pooling
-        check(emb.cfg)
+        emb.pooling = pooling  # one model, every pooling
+        check(cfg(fw, model, pooling=pooling))
         f = emb.embed_pixels(PIXELS)
         assert torch.isfinite(f).all(), pooling
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
@@ -61,14 +61,14 @@ def test_builds_and_embeds_every_supported_pooling(fw, model):
 
 
 def features(c):
-    return Embedder(c).embed_pixels(PIXELS)
+    return embedder(c).embed_pixels(PIXELS)
 
 
 def test_checkpoints_reproduce_features(tmp_path):
     # timm/tv: a plain state_dict; fb MoCo v3: the released layout (prefixes, momentum twin, projector).
     torch.manual_seed(5)
     torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pth")  # the hub's layout
-    a = Embedder(cfg("tv", "alexnet", pooling="gem", checkpoint=str(tmp_path / "alexnet.pth")))
+    a = embedder(cfg("tv", "alexnet", pooling="gem", checkpoint=str(tmp_path / "alexnet.pth")))
     x = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8)
     torch.manual_seed(5)
     ref = torchvision.models.alexnet().eval()
@@ -78,7 +78,7 @@ def test_checkpoints_reproduce_features(tmp_path):
         fmap = ref.features(t)
         want_head = torch.nn.functional.normalize(ref.classifier[:6](torch.flatten(ref.avgpool(fmap), 1)), dim=-1)
     assert a.embed_pixels(x).shape == (2, 256)
-    a.cfg["pooling"] = "head"  # the reference: classifier[6] replaced by Identity, 4096-d
+    a.pooling = "head"  # the reference: classifier[6] replaced by Identity, 4096-d
     torch.testing.assert_close(a.embed_pixels(x), want_head, rtol=1e-4, atol=1e-5)
     plain = tmp_path / "ours.pth"  # a file saved from our model (no classifier.6) loads too
     torch.save(framework("tv").build(cfg("tv", "alexnet")).model.state_dict(), plain)
@@ -123,7 +123,7 @@ def test_open_clip_checkpoint(tmp_path):
     visual = open_clip.create_model("RN50", pretrained=str(path)).visual.eval()
     mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    emb = Embedder(cfg("och", "RN50.openai", checkpoint=str(path)))
+    emb = embedder(cfg("och", "RN50.openai", checkpoint=str(path)))
     # At 224 px the map is 7x7 and nothing is resized: the plain open_clip tower is the reference.
     big = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_open_clip_checkpoint(tmp_path):
     # Other sizes give other map shapes; the resized position embedding makes them work.
     assert emb.embed_pixels(PIXELS).shape == (2, 1024)
     # The text tower loads the same open_clip checkpoint (--framework text --checkpoint).
-    text = Embedder(cfg("text", "RN50.openai", checkpoint=str(path)))
+    text = embedder(cfg("text", "RN50.openai", checkpoint=str(path)))
     assert text.bb.model.visual is None  # only the text tower is kept
     prompts = ["a red mug on a desk", "the eiffel tower at night"]
     full = open_clip.create_model("RN50", pretrained=str(path)).eval()
@@ -242,10 +242,11 @@ def test_hub_cache_and_offline_mode_are_honoured(tmp_path, vit_checkpoint):
     assert "yes (weights cached)" in p.stdout, p.stdout + p.stderr
     code = (
         "import dataclasses, torch; from ilias_ray.config import Config; from ilias_ray.embed import Embedder;"
+        "from ilias_ray.pipeline import embedder_args;"
         f"c = dict(dataclasses.asdict(Config(dataset_dir='.', hdf5_dir='.')), model='{VIT}', resolution=64);"
         f"c2 = dict(c, checkpoint='{vit_checkpoint}');"
         "x = torch.randint(0, 256, (1, 40, 50, 3), dtype=torch.uint8);"
-        "a, b = Embedder(c).embed_pixels(x), Embedder(c2).embed_pixels(x);"
+        "a, b = (Embedder(**embedder_args(Config(**s))).embed_pixels(x) for s in (c, c2));"
         "print('same' if torch.equal(a, b) else 'different')"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
@@ -262,7 +263,7 @@ def test_fb_dino_position_embeddings_resize_like_the_originals():
     """DINO/DINOv2 resize their table by a scale factor (grid + 0.1) / M, bicubic, no antialias."""
     import timm
 
-    emb = Embedder(cfg("fb", "dinov2_vits14"))
+    emb = embedder(cfg("fb", "dinov2_vits14"))
     got = emb.embed_pixels(PIXELS)  # 75 x 101 -> padded to 84 x 112 -> a 6 x 8 grid
     sd = emb.bb.model.state_dict()
     table = sd["pos_embed"]
@@ -288,7 +289,7 @@ def test_weights_load_once_per_actor(monkeypatch):
     calls = []
     real = embed_mod.build
     monkeypatch.setattr(embed_mod, "build", lambda c: calls.append(1) or real(c))
-    emb = Embedder(cfg("timm", "resnet18"))
+    emb = embedder(cfg("timm", "resnet18"))
     img = np.zeros((20, 30, 3), np.uint8)
     batch = {"seq": np.arange(3), "out": np.zeros(3, np.int32), "unit": np.zeros(3, np.int32), "pos": np.arange(3),
              "id": np.array(["a", "b", "c"], dtype=object), "kind": np.full(3, 5, np.int8),
@@ -303,8 +304,8 @@ def test_weights_load_once_per_actor(monkeypatch):
 def test_out_of_memory_halves_the_batch_and_remembers(monkeypatch):
     import numpy as np
 
-    emb = Embedder(cfg("timm", "resnet18", batch_size=16))
-    ref = Embedder(cfg("timm", "resnet18", batch_size=16))
+    emb = embedder(cfg("timm", "resnet18", batch_size=16))
+    ref = embedder(cfg("timm", "resnet18", batch_size=16))
     imgs = torch.randint(0, 256, (10, 20, 30, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     batch = {"seq": np.arange(10), "out": np.zeros(10, np.int32), "unit": np.zeros(10, np.int32),
              "pos": np.arange(10), "id": np.array([str(i) for i in range(10)], dtype=object),

@@ -17,13 +17,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ilias_ray.config import UserError
+from ilias_ray.config import POOLINGS, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-ALL_POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")
+ALL_POOLINGS = POOLINGS  # declared once, as the --pooling choices (ilias_ray.config)
 CNN_POOLINGS = tuple(p for p in ALL_POOLINGS if p != "cls")
 
 FRAMEWORKS = {

@@ -12,11 +12,13 @@ from typing import List, Tuple
 
 import torch
 
+from ilias_ray import config
+
 __all__ = ["POOLINGS", "pool", "rmac_regions"]
 
 # Every pooling name handled here ("head" bypasses forward_features and is
 # handled by the model wrapper instead).
-POOLINGS = ("cls", "gap", "mac", "gem", "rmac", "rgem", "local")
+POOLINGS = tuple(p for p in config.POOLINGS if p != "head")
 
 GEM_P = 3.0
 GEM_EPS = 1e-6
