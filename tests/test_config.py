@@ -11,7 +11,7 @@ from conftest import one_line_error
 
 from ilias_ray import cli
 from ilias_ray.config import POOLINGS, Config, UserError
-from ilias_ray.plan import fingerprint
+from ilias_ray.parts import fingerprint
 
 # The fingerprint of a default run's outputs. Files finished before the settings were declared on
 # Config carry it: a rerun after any upgrade must compute the same keys, values and digest, or it
