@@ -190,7 +190,8 @@ def worker() -> int:
     from ilias_ray.pipeline import decoder
     from ilias_ray.plan import Unit
     from ilias_ray.preprocess import decode_batch
-    from ilias_ray.read import MARKER, read_tar
+    from ilias_ray.read import read_tar
+    from ilias_ray.rows import Kind
     from ilias_ray.storage import Location
 
     dec = None
@@ -207,7 +208,7 @@ def worker() -> int:
             for name, size in msg["names"]:
                 unit = Unit(uid=1, out=0, kind="tar", name=name, src=Location.of(msg["base"]) / name, size=size)
                 for table in read_tar(unit, None):
-                    samples = pc.not_equal(table["kind"], MARKER)
+                    samples = pc.not_equal(table["kind"], Kind.MARKER)
                     rows += pc.sum(samples).as_py() or 0
                     nbytes += pc.sum(pc.binary_length(table["data"])).as_py() or 0
                     if msg["decode"]:

@@ -21,13 +21,10 @@ from ilias_ray import faults
 from ilias_ray.config import UserError
 from ilias_ray.models import build
 from ilias_ray.models.pooling import pool
-from ilias_ray.read import IMAGE, TEXT
+from ilias_ray.rows import EMBED, ROUTING, Kind
 from ilias_ray.storage import local_copy
 
 CPU_CHUNK_PIXELS = 1 << 19  # two 512x384 images
-PASS_COLUMNS = ("seq", "out", "unit", "pos", "id", "kind", "note", "off")
-
-
 def center_pad(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Zero-pad a (b, c, H, W) tensor to at least (h, w); the extra splits left = pad // 2."""
     ph, pw = max(h - x.shape[-2], 0), max(w - x.shape[-1], 0)
@@ -189,6 +186,7 @@ class Embedder:
         # A failed batch is retried once here (a flaky library or device hiccup); a second failure
         # fails the job with its error. A crashed actor is restarted by Ray and its batch resent;
         # either way the sink keeps exactly one copy of each row.
+        EMBED.check(batch)
         note_batch(batch)
         try:
             faults.hit("embed")
@@ -214,13 +212,13 @@ class Embedder:
                 feats[i] = v.tobytes()
                 nvec[i] = 1 if v.ndim == 1 else v.shape[0]
 
-        text_rows = np.nonzero(kinds == TEXT)[0]
+        text_rows = np.nonzero(kinds == Kind.TEXT)[0]
         for a in range(0, len(text_rows), bs):
             rows = text_rows[a : a + bs]
             store(rows, self.embed_texts([bytes(batch["data"][i]).decode("utf-8").strip() for i in rows]))
 
         groups = defaultdict(list)
-        for i in np.nonzero(kinds == IMAGE)[0]:
+        for i in np.nonzero(kinds == Kind.IMAGE)[0]:
             groups[(int(batch["h"][i]), int(batch["w"][i]), batch["mask"][i].size > 0)].append(i)
         for (h, w, has_mask), rows in groups.items():
             a = 0
@@ -244,7 +242,7 @@ class Embedder:
                 store(sub, f)
                 a += len(sub)
 
-        out = {k: batch[k] for k in PASS_COLUMNS}
+        out = {k: batch[k] for k in ROUTING}
         out["feat"] = np.array(feats, dtype=object)
         out["nvec"] = nvec
         return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from ilias_ray.read import FILE_IMAGE, IMAGE, SKIP, TAR_IMAGE, TEXT
+from ilias_ray.rows import DECODE, Kind
 
 BOX_CLIP = 10000
 
@@ -238,6 +238,7 @@ def text_problem(raw: bytes):
 def decode_batch(batch: dict, dec: Decoder) -> dict:
     """Ray Data map_batches function: image rows -> IMAGE (pixels) or SKIP (reason); text rows
     pass on as they are, or become SKIP rows if they are not valid UTF-8 or too large."""
+    DECODE.check(batch)
     n = len(batch["seq"])
     kinds = batch["kind"].copy()
     notes = list(batch["note"])
@@ -250,20 +251,20 @@ def decode_batch(batch: dict, dec: Decoder) -> dict:
     w = np.zeros(n, np.int32)
     for i in range(n):
         k = kinds[i]
-        if k == TEXT:
+        if k == Kind.TEXT:
             why = text_problem(bytes(data[i]))
             if why is not None:
-                kinds[i], notes[i], data[i] = SKIP, why, b""
+                kinds[i], notes[i], data[i] = Kind.SKIP, why, b""
             continue
-        if k not in (TAR_IMAGE, FILE_IMAGE):
+        if k not in (Kind.TAR_IMAGE, Kind.FILE_IMAGE):
             continue
         boxes = json.loads(batch["boxes"][i]) if batch["boxes"][i] else None
         try:
-            arr, m = prepare(data[i], k == FILE_IMAGE, boxes, dec)
+            arr, m = prepare(data[i], k == Kind.FILE_IMAGE, boxes, dec)
         except Exception as e:  # any decode failure is recorded, not raised
-            kinds[i], notes[i] = SKIP, skip_reason(e)
+            kinds[i], notes[i] = Kind.SKIP, skip_reason(e)
         else:
-            kinds[i] = IMAGE
+            kinds[i] = Kind.IMAGE
             img[i] = arr
             h[i], w[i] = arr.shape[:2]
             if m is not None:

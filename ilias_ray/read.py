@@ -22,25 +22,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from ilias_ray.config import UserError
 from ilias_ray.plan import Unit, escape_id, seq_id
+from ilias_ray.rows import READ_SCHEMA, Kind
 from ilias_ray.storage import Retries, backoff
-
-# Row kinds. Images from tars skip EXIF transposition; folder images apply it (spec 3).
-TAR_IMAGE, FILE_IMAGE, TEXT, SKIP, MARKER, IMAGE = 0, 1, 2, 3, 4, 5
-
-SCHEMA = pa.schema(
-    [
-        ("seq", pa.int64()),
-        ("out", pa.int32()),
-        ("unit", pa.int32()),
-        ("pos", pa.int64()),
-        ("id", pa.string()),
-        ("kind", pa.int8()),
-        ("data", pa.binary()),
-        ("note", pa.string()),
-        ("off", pa.int64()),
-        ("boxes", pa.string()),
-    ]
-)
 
 BLOCK_ROWS = 64  # rows per block: a few MB of JPEGs, small enough to stream
 FOLDER_TASK_ROWS = 256  # folder files per read task
@@ -59,7 +42,7 @@ class _Rows:
 
     def __init__(self, unit: Unit):
         self.unit = unit
-        self.cols = {name: [] for name in SCHEMA.names}
+        self.cols = {name: [] for name in READ_SCHEMA.names}
         self.sent = 0  # positions below this are already in tables handed out
         self.floor = 0  # rows below this position are dropped (sent by an earlier attempt)
 
@@ -84,12 +67,12 @@ class _Rows:
     def take(self) -> pa.Table:
         if self.cols["pos"]:
             self.sent = max(self.sent, self.cols["pos"][-1] + 1)
-        table = pa.Table.from_pydict(self.cols, schema=SCHEMA)
-        self.cols = {name: [] for name in SCHEMA.names}
+        table = pa.Table.from_pydict(self.cols, schema=READ_SCHEMA)
+        self.cols = {name: [] for name in READ_SCHEMA.names}
         return table
 
     def restart(self) -> None:
-        self.cols = {name: [] for name in SCHEMA.names}
+        self.cols = {name: [] for name in READ_SCHEMA.names}
         self.floor = self.sent
 
     def __len__(self):
@@ -149,12 +132,12 @@ def _scan_tar(unit: Unit, selected: Optional[frozenset], rows: _Rows, retried: i
             duplicates.append(escape_id(raw))
         seen.add(key)
         if isinstance(members.get("jpg"), int):  # its size: too large to read
-            rows.add(pos, escape_id(raw), SKIP, off=off,
+            rows.add(pos, escape_id(raw), Kind.SKIP, off=off,
                      note=f"image member too large: {members['jpg']} bytes, over {MAX_MEMBER_BYTES}")
         elif "jpg" in members:
-            rows.add(pos, escape_id(raw), TAR_IMAGE, data=members["jpg"], off=off)
+            rows.add(pos, escape_id(raw), Kind.TAR_IMAGE, data=members["jpg"], off=off)
         else:
-            rows.add(pos, escape_id(raw), SKIP, note=missing, off=off)
+            rows.add(pos, escape_id(raw), Kind.SKIP, note=missing, off=off)
         pos += 1
 
     key, members, off = None, {}, 0
@@ -193,7 +176,7 @@ def _scan_tar(unit: Unit, selected: Optional[frozenset], rows: _Rows, retried: i
             if key is not None:  # the sample being read when the shard broke: its jpg if complete
                 emit(key, members, off, missing="shard truncated inside this sample")
     note = marker_note(reason, duplicates, Retries.count - retried)
-    rows.add(pos, f"{unit.name}/", MARKER, note=note, off=unit.size)
+    rows.add(pos, f"{unit.name}/", Kind.MARKER, note=note, off=unit.size)
     yield rows.take()
 
 
@@ -203,10 +186,10 @@ def read_folder(unit: Unit, start: int) -> Iterator[pa.Table]:
     A file the plan found missing (with --skip_missing) is a recorded skip; a file that cannot be
     read now fails the task with one line naming it."""
     rows = _Rows(unit)
-    kind = TEXT if unit.kind == "text" else FILE_IMAGE
+    kind = Kind.TEXT if unit.kind == "text" else Kind.FILE_IMAGE
     for pos, (id_, rel, boxes) in enumerate(unit.items, start):
         if rel is None:
-            rows.add(pos, id_, SKIP, note="file not found")
+            rows.add(pos, id_, Kind.SKIP, note="file not found")
         else:
             rows.add(pos, id_, kind, data=(unit.src / rel).read_bytes(), boxes=boxes)
         if rows.full():
@@ -237,11 +220,11 @@ class IliasDatasource(Datasource):
         for u in self.todo():
             if u.kind == "tar":
                 meta = BlockMetadata(num_rows=None, size_bytes=u.size, input_files=[str(u.src)], exec_stats=None)
-                tasks.append(ReadTask(lambda u=u: read_tar(u, sel), meta, schema=SCHEMA))
+                tasks.append(ReadTask(lambda u=u: read_tar(u, sel), meta, schema=READ_SCHEMA))
                 continue
             for start in range(0, len(u.items), FOLDER_TASK_ROWS):
                 # Each task gets only its slice of the file list.
                 part = Unit(u.uid, u.out, u.kind, u.name, src=u.src, items=u.items[start : start + FOLDER_TASK_ROWS])
                 meta = BlockMetadata(num_rows=len(part.items), size_bytes=None, input_files=None, exec_stats=None)
-                tasks.append(ReadTask(lambda p=part, a=start: read_folder(p, a), meta, schema=SCHEMA))
+                tasks.append(ReadTask(lambda p=part, a=start: read_folder(p, a), meta, schema=READ_SCHEMA))
         return tasks

@@ -21,7 +21,7 @@ from ilias_ray import faults
 from ilias_ray.config import UserError
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, assemble
 from ilias_ray.parts import PartWriter
-from ilias_ray.read import MARKER, SKIP
+from ilias_ray.rows import SINK, Kind
 
 PROGRESS_COLUMNS = {"out": np.int32, "rows": np.int64, "skipped": np.int64, "fraction": np.float64,
                     "finished": bool, "truncated": np.int64, "duplicates": np.int64, "retries": np.int64}
@@ -54,7 +54,7 @@ class UnitRows:
                 return
             id_, kind, feat, nvec, note = row
             faults.hit("sink_write")
-            if kind == SKIP:
+            if kind == Kind.SKIP:
                 self.part.skip(id_, note)
             else:
                 self.part.add(id_, feat, nvec)
@@ -164,12 +164,13 @@ class Sink:
             raise
 
     def _call(self, batch: dict) -> dict:
+        SINK.check(batch)
         touched = set()
         for i in range(len(batch["seq"])):
             o = int(batch["out"][i])
             w = self.writers[o]
             touched.add(o)
-            if batch["kind"][i] == MARKER:
+            if batch["kind"][i] == Kind.MARKER:
                 w.end_unit(int(batch["unit"][i]), batch["pos"][i], str(batch["note"][i]))
             else:
                 w.add(int(batch["unit"][i]), int(batch["pos"][i]), str(batch["id"][i]), int(batch["kind"][i]),

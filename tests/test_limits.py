@@ -19,7 +19,7 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
 from ilias_ray import preprocess
-from ilias_ray.read import FILE_IMAGE, IMAGE, SKIP, TAR_IMAGE, TEXT
+from ilias_ray.rows import Kind
 
 GUARD_PIXELS = 30_000_000  # over any image these tests need, far under what the hostile ones ask
 
@@ -112,16 +112,16 @@ def test_over_pillows_limit_is_an_error_even_below_twice_it(make, guard):
     """10000x10000 is 1.1x Pillow's MAX_IMAGE_PIXELS: Pillow only warns there and then decodes.
     Here it is a skip with DecompressionBombError, decided from the header: nothing is loaded."""
     assert Image.MAX_IMAGE_PIXELS == 89478485 < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
-    (kind, note, px), = decode([(TAR_IMAGE, make(10000, 10000))])
-    assert kind == SKIP and px.size == 0
+    (kind, note, px), = decode([(Kind.TAR_IMAGE, make(10000, 10000))])
+    assert kind == Kind.SKIP and px.size == 0
     assert note == ("decode failed: DecompressionBombError: Image size (100000000 pixels) exceeds limit "
                     "of 89478485 pixels, could be decompression bomb DOS attack.")
     assert guard["load"] == [] and guard["resize"] == []
     # Just under the limit is opened (here: a header with no pixel data, so it fails in the decoder).
     assert preprocess.MAX_SOURCE_PIXELS == Image.MAX_IMAGE_PIXELS  # Pillow's default, kept
     side = int(preprocess.MAX_SOURCE_PIXELS ** 0.5)
-    (kind, note, _), = decode([(FILE_IMAGE, png_header_only(side, side))])
-    assert kind == SKIP and "DecompressionBomb" not in note and guard["load"] == [(side, side)], note
+    (kind, note, _), = decode([(Kind.FILE_IMAGE, png_header_only(side, side))])
+    assert kind == Kind.SKIP and "DecompressionBomb" not in note and guard["load"] == [(side, side)], note
 
 
 # ------------------------------------------------------------------ sizes the transform would make
@@ -130,16 +130,16 @@ def test_the_issues_1x50000_png_under_resize_small_is_a_skip_before_any_resize(g
     """The image that stalled a run: 1x50,000 at RESIZE_SMALL 512 would be 512x25,600,000."""
     data = encoded(photo(1, 50000), "PNG")
     for transforms in ("RESIZE_SMALL", "RESIZE_CENTER"):
-        (kind, note, px), = decode([(TAR_IMAGE, data)], transforms=transforms, resolution=512)
-        assert kind == SKIP and px.size == 0
+        (kind, note, px), = decode([(Kind.TAR_IMAGE, data)], transforms=transforms, resolution=512)
+        assert kind == Kind.SKIP and px.size == 0
         assert note == (f"decode failed: ImageTooLarge: {transforms} at resolution 512 makes 1x50000 into "
                         "512x25600000 (13107200000 pixels), over 64 x 512^2 = 16777216")
     assert guard["resize"] == []  # nothing was resized: the size was refused first
     # The other transforms make it small: it is embedded as the reference does.
     for transforms, shape in (("RESIZE_LARGE", (512, 1, 3)), ("RESIZE_PAD", (512, 1, 3)),
                               ("RESIZE_SQUARE", (512, 512, 3))):
-        (kind, note, px), = decode([(TAR_IMAGE, data)], transforms=transforms, resolution=512)
-        assert kind == IMAGE and px.shape == shape, (transforms, note)
+        (kind, note, px), = decode([(Kind.TAR_IMAGE, data)], transforms=transforms, resolution=512)
+        assert kind == Kind.IMAGE and px.shape == shape, (transforms, note)
 
 
 @pytest.mark.parametrize("transforms", ["RESIZE_SMALL", "RESIZE_CENTER"])
@@ -147,31 +147,32 @@ def test_aspect_ratio_limit_is_64_to_1_under_shorter_side_resizes(transforms):
     at = encoded(photo(64 * 32, 32), "PNG")  # 64:1 -> 4096x64 at 64: exactly 64 x 64^2 pixels
     over = encoded(photo(64 * 32 + 1, 32), "PNG")
     tall = encoded(photo(32, 64 * 32 + 1), "PNG")
-    (k1, _, px), (k2, n2, _), (k3, n3, _) = decode([(TAR_IMAGE, at), (TAR_IMAGE, over), (FILE_IMAGE, tall)],
-                                                     transforms=transforms, resolution=64)
-    assert k1 == IMAGE and px.shape == ((64, 4096, 3) if transforms == "RESIZE_SMALL" else (64, 64, 3))
-    assert k2 == k3 == SKIP and n2 == (f"decode failed: ImageTooLarge: {transforms} at resolution 64 makes 2049x32 "
-                                       "into 4098x64 (262272 pixels), over 64 x 64^2 = 262144")
+    (k1, _, px), (k2, n2, _), (k3, n3, _) = decode(
+        [(Kind.TAR_IMAGE, at), (Kind.TAR_IMAGE, over), (Kind.FILE_IMAGE, tall)], transforms=transforms, resolution=64)
+    assert k1 == Kind.IMAGE and px.shape == ((64, 4096, 3) if transforms == "RESIZE_SMALL" else (64, 64, 3))
+    assert k2 == k3 == Kind.SKIP
+    assert n2 == (f"decode failed: ImageTooLarge: {transforms} at resolution 64 makes 2049x32 "
+                  "into 4098x64 (262272 pixels), over 64 x 64^2 = 262144")
     assert "makes 32x2049 into 64x4098 (262272 pixels)" in n3
 
 
 def test_output_and_crop_stay_within_pillows_limit_too(guard):
     # At resolution 1300, 64 x 1300^2 is over Pillow's limit, which then bounds the output instead:
     # 10x640 (64:1) would be 1300x83200, 108 M pixels.
-    (kind, note, _), = decode([(TAR_IMAGE, encoded(photo(10, 640), "PNG"))], transforms="RESIZE_SMALL",
+    (kind, note, _), = decode([(Kind.TAR_IMAGE, encoded(photo(10, 640), "PNG"))], transforms="RESIZE_SMALL",
                               resolution=1300)
-    assert kind == SKIP and note == ("decode failed: ImageTooLarge: RESIZE_SMALL at resolution 1300 makes 10x640 "
+    assert kind == Kind.SKIP and note == ("decode failed: ImageTooLarge: RESIZE_SMALL at resolution 1300 makes 10x640 "
                                      "into 1300x83200 (108160000 pixels), over 89478485 (Pillow's limit)")
     # --crop_resize with boxes reaching far past a small image's edges: the union is the crop.
     boxes = "[[0, 0, 10000, 10000]]"
-    (kind, note, _), = decode([(FILE_IMAGE, encoded(photo(40, 30), "JPEG"), boxes)], crop_resize=True)
-    assert kind == SKIP and note == ("decode failed: ImageTooLarge: the boxes' union 10000x10000 is over 89478485 "
+    (kind, note, _), = decode([(Kind.FILE_IMAGE, encoded(photo(40, 30), "JPEG"), boxes)], crop_resize=True)
+    assert kind == Kind.SKIP and note == ("decode failed: ImageTooLarge: the boxes' union 10000x10000 is over 89478485 "
                                      "pixels (Pillow's limit)")
     assert guard["resize"] == [] and guard["crop"] == []
     # Boxes inside the image crop and resize as before.
-    (kind, note, px), = decode([(FILE_IMAGE, encoded(photo(40, 30), "JPEG"), "[[2, 3, 20, 10]]")],
+    (kind, note, px), = decode([(Kind.FILE_IMAGE, encoded(photo(40, 30), "JPEG"), "[[2, 3, 20, 10]]")],
                                crop_resize=True)
-    assert kind == IMAGE and px.shape == (32, 64, 3) and guard["crop"] == [(20, 10)]
+    assert kind == Kind.IMAGE and px.shape == (32, 64, 3) and guard["crop"] == [(20, 10)]
 
 
 def test_transform_sizes_match_what_resize_makes():
@@ -202,8 +203,8 @@ def test_eps_is_not_opened_and_runs_no_program(monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", popen)
     assert Image.open(io.BytesIO(eps())).format == "EPS"  # Pillow itself would open it
-    (kind, note, _), (k2, n2, _) = decode([(TAR_IMAGE, eps()), (FILE_IMAGE, eps())])
-    assert kind == k2 == SKIP and note == n2 == "decode failed: UnidentifiedImageError: cannot identify image file"
+    (kind, note, _), (k2, n2, _) = decode([(Kind.TAR_IMAGE, eps()), (Kind.FILE_IMAGE, eps())])
+    assert kind == k2 == Kind.SKIP and note == n2 == "decode failed: UnidentifiedImageError: cannot identify image file"
     assert ran == []
 
 
@@ -227,9 +228,9 @@ def test_allowed_formats_decode_to_the_same_pixels(fmt):
 def test_text_that_is_not_utf8_or_too_large_is_a_skip():
     ok = "a photo of the Eiffel tower, at night ✓".encode()
     biggest = b"x" * 65536  # MAX_TEXT_BYTES
-    rows = [(TEXT, ok), (TEXT, b"caf\xe9 latin-1"), (TEXT, biggest + b"x"), (TEXT, biggest), (TEXT, b"")]
+    rows = [(Kind.TEXT, t) for t in (ok, b"caf\xe9 latin-1", biggest + b"x", biggest, b"")]
     out = preprocess.decode_batch(batch(rows), cfg())
-    assert out["kind"].tolist() == [TEXT, SKIP, SKIP, TEXT, TEXT]
+    assert out["kind"].tolist() == [Kind.TEXT, Kind.SKIP, Kind.SKIP, Kind.TEXT, Kind.TEXT]
     assert out["note"].tolist() == [
         "", "text is not valid UTF-8: 'utf-8' codec can't decode byte 0xe9 in position 3: invalid continuation byte",
         "text too large: 65537 bytes, over 65536", "", ""]

@@ -659,7 +659,7 @@ def test_mobilenet_head_no_padding():
 
 def test_embedder_call_groups_shapes_and_masks():
     """The Ray batch callable: rows of different shapes (and masks) embed as if alone."""
-    from ilias_ray.read import IMAGE, SKIP
+    from ilias_ray.rows import Kind
 
     emb = stages.embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE",
                                    resolution=64, min_size=40, masking=True, store_fp16=True))
@@ -671,7 +671,7 @@ def test_embedder_call_groups_shapes_and_masks():
     for i, (shape, has_mask) in enumerate(zip(shapes, masks)):
         if shape is None:
             rows["img"].append(np.zeros((0, 0, 3), np.uint8)), rows["h"].append(0), rows["w"].append(0)
-            rows["mask"].append(np.zeros((0, 0), np.uint8)), rows["kind"].append(SKIP)
+            rows["mask"].append(np.zeros((0, 0), np.uint8)), rows["kind"].append(Kind.SKIP)
             exp.append(None)
             continue
         h, w = shape
@@ -679,7 +679,7 @@ def test_embedder_call_groups_shapes_and_masks():
         th, tw = max(h, 40), max(w, 40)
         m = (rng_pixels(90 + i, 1, th, tw) % 2) if has_mask else None
         rows["img"].append(px[0]), rows["h"].append(h), rows["w"].append(w)
-        rows["mask"].append(m[0] if has_mask else np.zeros((0, 0), np.uint8)), rows["kind"].append(IMAGE)
+        rows["mask"].append(m[0] if has_mask else np.zeros((0, 0), np.uint8)), rows["kind"].append(Kind.IMAGE)
         exp.append(ref_embed(model, px, IMAGENET_MEAN, IMAGENET_STD, pad=40, mask=m, pooling="gem")[0])
     n = len(shapes)
     batch = {

@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from ilias_ray import read
 from ilias_ray.plan import Unit
-from ilias_ray.read import MARKER, SKIP, TAR_IMAGE, read_tar
+from ilias_ray.read import read_tar
+from ilias_ray.rows import Kind
 from ilias_ray.storage import Location
 
 
@@ -32,9 +33,9 @@ def test_tar_samples_in_member_order(sample):
     assert [r["pos"] for r in rows] == list(range(len(keys) + 1))
     assert all(r["seq"] == (3 << 32) | r["pos"] for r in rows)
     kinds = {r["id"]: r["kind"] for r in rows[:-1]}
-    assert all(kinds[i] == SKIP for i in sample["nonimage_ids"])
-    assert sum(k == TAR_IMAGE for k in kinds.values()) == len(keys) - len(sample["nonimage_ids"])
-    assert rows[-1]["kind"] == MARKER and rows[-1]["pos"] == len(keys)
+    assert all(kinds[i] == Kind.SKIP for i in sample["nonimage_ids"])
+    assert sum(k == Kind.TAR_IMAGE for k in kinds.values()) == len(keys) - len(sample["nonimage_ids"])
+    assert rows[-1]["kind"] == Kind.MARKER and rows[-1]["pos"] == len(keys)
     assert json.loads(rows[-1]["note"]) == {"end": "eof", "duplicates": [], "retries": 0}
 
 
@@ -43,7 +44,7 @@ def test_truncated_and_not_a_tar(sample, tmp_path):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: len(data) // 2])
     rows = rows_of(cut)
-    assert rows[-1]["kind"] == MARKER and end(rows[-1]).startswith("truncated")
+    assert rows[-1]["kind"] == Kind.MARKER and end(rows[-1]).startswith("truncated")
     assert 3 < rows[-1]["pos"] == len(rows) - 1 < 20  # what came before is kept
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
@@ -80,11 +81,11 @@ def test_only_images_within_the_bound_are_read(tmp_path, monkeypatch):
     rows = rows_of(path)
     got = [(r["id"], r["kind"], r["data"], r["note"]) for r in rows[:-1]]
     assert got == [
-        ("limits.tar/a", TAR_IMAGE, b"small", ""),
-        ("limits.tar/b", SKIP, b"", "image member too large: 10001 bytes, over 10000"),
-        ("limits.tar/c", TAR_IMAGE, at, ""),
-        ("limits.tar/d", SKIP, b"", "no jpg member in sample"),
-        ("limits.tar/e", TAR_IMAGE, b"after", ""),
+        ("limits.tar/a", Kind.TAR_IMAGE, b"small", ""),
+        ("limits.tar/b", Kind.SKIP, b"", "image member too large: 10001 bytes, over 10000"),
+        ("limits.tar/c", Kind.TAR_IMAGE, at, ""),
+        ("limits.tar/d", Kind.SKIP, b"", "no jpg member in sample"),
+        ("limits.tar/e", Kind.TAR_IMAGE, b"after", ""),
     ]
     assert end(rows[-1]) == "eof" and rows[-1]["pos"] == 5
     assert read_names == ["a.jpg", "c.jpg", "e.jpg"]
@@ -101,6 +102,6 @@ def test_truncated_inside_a_member_not_read_is_still_truncated(tmp_path):
         cut = tmp_path / "cut.tar"
         cut.write_bytes(path.read_bytes()[:cut_at])
         rows = rows_of(cut)
-        assert [(r["id"], r["kind"]) for r in rows[:-1]] == [("cut.tar/a", TAR_IMAGE)]
+        assert [(r["id"], r["kind"]) for r in rows[:-1]] == [("cut.tar/a", Kind.TAR_IMAGE)]
         assert rows[0]["data"] == b"A" * 3000
         assert end(rows[-1]).startswith("truncated") and rows[-1]["pos"] == 1

@@ -68,7 +68,7 @@ def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     """A rename is durable only once its directory is fsynced (filesystems without ordered metadata)."""
     from test_sink import RUN, batch, spec
 
-    from ilias_ray.read import IMAGE, MARKER
+    from ilias_ray.rows import Kind
     from ilias_ray.sink import Sink
 
     events, dirs = [], {}
@@ -93,7 +93,7 @@ def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "fsync", fsync)
     sink = Sink([spec(tmp_path, [(0, "a.tar", None, 0, None), (1, "b.tar", None, 0, None)])], RUN)
-    sink(batch([(0, p, IMAGE) for p in range(3)] + [(0, 3, MARKER), (1, 0, IMAGE), (1, 1, MARKER)]))
+    sink(batch([(0, p, Kind.IMAGE) for p in range(3)] + [(0, 3, Kind.MARKER), (1, 0, Kind.IMAGE), (1, 1, Kind.MARKER)]))
     assert (tmp_path / "f.hdf5").exists()
     renames = [i for i, e in enumerate(events) if e[0] == "rename"]
     assert len(renames) >= 7  # meta, 2 x (feat, rows, record), the file

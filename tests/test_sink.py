@@ -10,7 +10,8 @@ import numpy as np
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec
 from ilias_ray.parts import finished_units
 from ilias_ray.plan import seq_id
-from ilias_ray.read import IMAGE, MARKER, SKIP, marker_note
+from ilias_ray.read import marker_note
+from ilias_ray.rows import Kind
 from ilias_ray.sink import Sink
 from ilias_ray.storage import Location
 
@@ -36,10 +37,10 @@ def batch(rows):
         cols["pos"].append(pos)
         cols["id"].append(f"s{unit}/{pos}")
         cols["kind"].append(kind)
-        cols["note"].append("bad" if kind == SKIP else marker_note("eof", []) if kind == MARKER else "")
+        cols["note"].append("bad" if kind == Kind.SKIP else marker_note("eof", []) if kind == Kind.MARKER else "")
         cols["off"].append(0)
-        cols["feat"].append(np.full(D, unit * 1000 + pos, np.float16).tobytes() if kind == IMAGE else b"")
-        cols["nvec"].append(1 if kind == IMAGE else 0)
+        cols["feat"].append(np.full(D, unit * 1000 + pos, np.float16).tobytes() if kind == Kind.IMAGE else b"")
+        cols["nvec"].append(1 if kind == Kind.IMAGE else 0)
     return {k: np.array(v, dtype=object if k in ("id", "note", "feat") else None) for k, v in cols.items()}
 
 
@@ -48,11 +49,11 @@ def test_reorders_streams_and_finishes_atomically(tmp_path):
     sink = Sink([spec(tmp_path, [(0, "a.tar", None, 0, None), (1, "b.tar", None, 0, None)])], RUN)
     w = sink.writers[0]
     rng = np.random.RandomState(0)
-    rows = [(0, p, SKIP if p == 7 else IMAGE) for p in range(n0)] + [(1, p, IMAGE) for p in range(n1)]
+    rows = [(0, p, Kind.SKIP if p == 7 else Kind.IMAGE) for p in range(n0)] + [(1, p, Kind.IMAGE) for p in range(n1)]
     # Shuffle inside windows of 200 rows: out of order, as Ray delivers them.
     order = np.concatenate([rng.permutation(np.arange(s, min(s + 200, len(rows)))) for s in range(0, len(rows), 200)])
     # Shard 1 is complete early, shard 0 late: shard 1 is written to its part, not held in memory.
-    sink(batch([(1, n1, MARKER)]))
+    sink(batch([(1, n1, Kind.MARKER)]))
     peak = 0
     for s in range(0, len(order), 100):
         sink(batch([rows[i] for i in order[s : s + 100]]))
@@ -62,7 +63,7 @@ def test_reorders_streams_and_finishes_atomically(tmp_path):
             assert not (tmp_path / "f.hdf5").exists()
     assert peak <= 200  # bounded by how far rows arrive out of order, not by the chunk size
     assert 1 in w.records and not w.finished  # shard 1 is durable; the file waits for shard 0
-    out = sink(batch([(0, n0, MARKER)]))
+    out = sink(batch([(0, n0, Kind.MARKER)]))
     assert out["finished"].tolist() == [True]
     with h5py.File(tmp_path / "f.hdf5", "r") as f:
         idx = list(f["index"].asstr()[()])
@@ -79,9 +80,9 @@ def test_reorders_streams_and_finishes_atomically(tmp_path):
 def test_a_new_sink_resumes_from_finished_units(tmp_path):
     units = [(0, "a.tar", None, 0, None), (1, "b.tar", None, 0, None), (2, "c.tar", None, 0, None)]
     first = Sink([spec(tmp_path, units)], RUN)
-    first(batch([(0, p, IMAGE) for p in range(5)] + [(0, 5, MARKER)]))
-    first(batch([(2, p, IMAGE) for p in range(3)] + [(2, 3, MARKER)]))
-    first(batch([(1, 0, IMAGE)]))  # unit 1 is in flight when the run dies
+    first(batch([(0, p, Kind.IMAGE) for p in range(5)] + [(0, 5, Kind.MARKER)]))
+    first(batch([(2, p, Kind.IMAGE) for p in range(3)] + [(2, 3, Kind.MARKER)]))
+    first(batch([(1, 0, Kind.IMAGE)]))  # unit 1 is in flight when the run dies
     del first
     parts = Location.of(str(tmp_path)) / "f.hdf5.parts"
     records = finished_units(parts, SETTINGS)
@@ -89,7 +90,7 @@ def test_a_new_sink_resumes_from_finished_units(tmp_path):
     assert finished_units(parts, {"x": 2}) == {}  # other settings: start over
     resumed = [(u[0], u[1], u[2], u[3], records.get(k)) for k, u in enumerate(units)]
     second = Sink([spec(tmp_path, resumed)], RUN)
-    second(batch([(1, p, IMAGE) for p in range(2)] + [(1, 2, MARKER)]))
+    second(batch([(1, p, Kind.IMAGE) for p in range(2)] + [(1, 2, Kind.MARKER)]))
     with h5py.File(tmp_path / "f.hdf5", "r") as f:
         assert list(f["index"].asstr()[()]) == [f"s0/{p}" for p in range(5)] + ["s1/0", "s1/1"] + [
             f"s2/{p}" for p in range(3)]
@@ -97,8 +98,8 @@ def test_a_new_sink_resumes_from_finished_units(tmp_path):
 
 def test_duplicate_rows_are_dropped(tmp_path):
     sink = Sink([spec(tmp_path, [(0, "a", 3, 0, None)])], RUN)
-    sink(batch([(0, 0, IMAGE), (0, 1, IMAGE)]))
-    sink(batch([(0, 1, IMAGE), (0, 0, IMAGE), (0, 2, IMAGE)]))
+    sink(batch([(0, 0, Kind.IMAGE), (0, 1, Kind.IMAGE)]))
+    sink(batch([(0, 1, Kind.IMAGE), (0, 0, Kind.IMAGE), (0, 2, Kind.IMAGE)]))
     with h5py.File(tmp_path / "f.hdf5", "r") as f:
         assert list(f["index"].asstr()[()]) == ["s0/0", "s0/1", "s0/2"]
         assert f.attrs["duplicates_dropped"] == 2
