@@ -85,7 +85,9 @@ class Embedder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A --checkpoint in a bucket is downloaded once per node (and checked against its sha256).
         ckpt = cfg.get("checkpoint")
-        self.bb = build(dict(cfg, checkpoint=local_copy(ckpt, cfg.get("checkpoint_sha256"))) if ckpt else cfg)
+        self.bb = build(cfg["framework"], cfg["model"],
+                        checkpoint=local_copy(ckpt, cfg.get("checkpoint_sha256")) if ckpt else None,
+                        pretrained=cfg["pretrained"], trust_remote_code=cfg["trust_remote_code"])
         self.bb.model.to(self.device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)

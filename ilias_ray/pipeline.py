@@ -220,7 +220,7 @@ def run(cfg: Config) -> dict:
     notice = faults.check()
     if notice:
         say(notice)
-    models.check(asdict(cfg))
+    models.check(cfg.framework, cfg.model, pooling=cfg.pooling, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     plan = make_plan(cfg)
     for name in plan.done:
         say(f"[{name}] already complete with the same settings: skipped")
