@@ -227,7 +227,8 @@ def reference_style(shards: list, cfg: dict, workers: int, out_path: str) -> flo
     from ilias_ray.preprocess import large_side_size
 
     t = time.perf_counter()
-    bb = build(cfg)  # in eval mode
+    bb = build(cfg["framework"], cfg["model"], checkpoint=cfg["checkpoint"], pretrained=cfg["pretrained"],
+               trust_remote_code=cfg["trust_remote_code"])  # in eval mode
 
     class Shards(torch.utils.data.IterableDataset):
         def __iter__(self):

@@ -103,9 +103,9 @@ class Embedder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A --checkpoint in a bucket is downloaded once per node (and checked against its sha256).
         b = backbone
-        ckpt = local_copy(b.checkpoint, b.checkpoint_sha256) if b.checkpoint else b.checkpoint
-        self.bb = build(dict(framework=b.framework, model=b.model, checkpoint=ckpt, pretrained=b.pretrained,
-                             trust_remote_code=b.trust_remote_code))
+        self.bb = build(b.framework, b.model,
+                        checkpoint=local_copy(b.checkpoint, b.checkpoint_sha256) if b.checkpoint else None,
+                        pretrained=b.pretrained, trust_remote_code=b.trust_remote_code)
         self.bb.model.to(self.device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)

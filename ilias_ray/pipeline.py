@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from ilias_ray import faults, models
 from ilias_ray.config import ANGLES, SCALES, Config, UserError
@@ -221,7 +221,7 @@ def run(cfg: Config) -> dict:
     notice = faults.check()
     if notice:
         say(notice)
-    models.check(asdict(cfg))
+    models.check(cfg.framework, cfg.model, pooling=cfg.pooling, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     plan = make_plan(cfg)
     for name in plan.done:
         say(f"[{name}] already complete with the same settings: skipped")

@@ -504,7 +504,7 @@ def test_cls_pooling_needs_vit():
     from ilias_ray.models import check
 
     with pytest.raises(UserError, match="not supported"):
-        check(make_cfg(model=CNN, pooling="cls"))  # refused on the driver, before Ray
+        check("timm", CNN, pooling="cls", pretrained=False)  # refused on the driver, before Ray
     emb = stages.embedder(make_cfg(model=CNN, pooling="cls"))
     with pytest.raises(ValueError, match="class token"):
         emb.embed_pixels(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))

@@ -67,7 +67,7 @@ RANDOM = {}  # model -> features of PIXELS with the seeded random weights (compu
 def test_builds_random_and_embeds(model):
     c = cfg(model)
     if model.endswith("101"):  # build only: the 101s are slow to run on a CPU
-        bb = ilias_ray.models.build(c)
+        bb = ilias_ray.models.build("cvn", model, pretrained=False)
         assert bb.features is None and bb.patch == 0
         assert bb.model.head.pool.p.item() == 3.0 and not bb.model.training
         return
@@ -110,7 +110,7 @@ def test_release_checkpoint_reproduces_features(tmp_path):
     path = release_checkpoint(tmp_path / "CVPR2022_CVNet_R50.pyth", other)
     x = torch.randn(2, 3, 64, 80)
     for model in R50:
-        bb = ilias_ray.models.build(cfg(model, checkpoint=path))
+        bb = ilias_ray.models.build("cvn", model, checkpoint=path, pretrained=False)
         assert bb.model.head.pool.p.item() == 2.5
         got = bb.model.state_dict()
         for k, v in other.state_dict().items():
@@ -121,7 +121,7 @@ def test_release_checkpoint_reproduces_features(tmp_path):
             assert torch.equal(bb.head(x), other(x.flip(1)))
     # Through the Embedder: a checkpoint of the seeded random model gives the random model's features.
     torch.manual_seed(0)
-    rnd = ilias_ray.models.build(cfg("cvnet_resnet50")).model
+    rnd = ilias_ray.models.build("cvn", "cvnet_resnet50", pretrained=False).model
     path = release_checkpoint(tmp_path / "random.pyth", rnd)
     for model in R50:
         want = random_features(model)
@@ -132,13 +132,13 @@ def test_release_checkpoint_reproduces_features(tmp_path):
 def test_checkpoint_missing_a_key_is_a_user_error(tmp_path):
     path = release_checkpoint(tmp_path / "broken.pyth", cvn.CVNetGlobal(50), drop="s2.b3.f.b.weight")
     with pytest.raises(UserError, match=r"broken\.pyth.*s2\.b3\.f\.b\.weight"):
-        ilias_ray.models.build(cfg("cvnet_resnet50", checkpoint=path))
+        ilias_ray.models.build("cvn", "cvnet_resnet50", checkpoint=path, pretrained=False)
 
 
 def test_wrong_depth_checkpoint_is_a_user_error(tmp_path):
     path = release_checkpoint(tmp_path / "r50.pyth", cvn.CVNetGlobal(50))
     with pytest.raises(UserError, match=r"r50\.pyth.*missing.*CVPR2022_CVNet_R101\.pyth"):
-        ilias_ray.models.build(cfg("superglobal_resnet101", checkpoint=path))
+        ilias_ray.models.build("cvn", "superglobal_resnet101", checkpoint=path, pretrained=False)
 
 
 def test_superglobal_math_independently():
@@ -241,9 +241,10 @@ def test_channels_are_flipped_to_bgr():
 def test_check_and_build_need_a_checkpoint_for_pretrained(tmp_path):
     for model in cvn.names():
         with pytest.raises(UserError, match=r"CVPR2022_CVNet_R\d+\.pyth"):
-            check(cfg(model, pretrained=True))
+            check("cvn", model, pooling="head", pretrained=True)
         with pytest.raises(UserError, match=r"not public.*CVPR2022_CVNet_R\d+\.pyth"):
-            ilias_ray.models.build(cfg(model, pretrained=True))
+            ilias_ray.models.build("cvn", model, pretrained=True)
     with pytest.raises(UserError, match="supported: head"):
-        check(cfg("cvnet_resnet50", pooling="gem", checkpoint=str(tmp_path / "x.pyth")))
-    assert check(cfg("superglobal_resnet50", checkpoint=str(tmp_path / "x.pyth"))).poolings == ("head",)
+        check("cvn", "cvnet_resnet50", pooling="gem", checkpoint=str(tmp_path / "x.pyth"), pretrained=False)
+    spec = check("cvn", "superglobal_resnet50", pooling="head", checkpoint=str(tmp_path / "x.pyth"), pretrained=False)
+    assert spec.poolings == ("head",)

@@ -117,7 +117,7 @@ def test_unic_release_checkpoint_reproduces_the_encoder(tmp_path, reg):
         args = argparse.Namespace(**args, lr_schedule=np.linspace(0, 1, 5), teachers=["dino_vitbase_16"])
     path = unic_file(tmp_path / "unic_l.pth", enc, args)
     c = cfg("unc", "unic_l", checkpoint=path)
-    assert check(c).patch == 14
+    assert check("unc", "unic_l", pooling="head", checkpoint=path, pretrained=False).patch == 14
     emb = embedder(c)
     assert emb.bb.patch == 14 and emb.bb.mean == IMAGENET_MEAN and emb.bb.std == IMAGENET_STD
     with torch.no_grad():
@@ -141,13 +141,13 @@ def test_unic_errors_name_the_file(tmp_path, monkeypatch):
     assert unc.names() == ("unic_l",)
     assert unc.spec("unic_l").poolings == ("head",) and not unc.spec("unic_l").weights.public
     with pytest.raises(UserError, match="nearest: unic_l"):
-        check(cfg("unc", "unic_b"))
+        check("unc", "unic_b", pooling="head", pretrained=False)
     with pytest.raises(UserError, match="not supported"):
-        check(cfg("unc", "unic_l", pooling="gap"))
+        check("unc", "unic_l", pooling="gap", pretrained=False)
     with pytest.raises(UserError, match="no public weights.*unic_l.pth"):
-        check(dict(cfg("unc", "unic_l"), pretrained=True))
+        check("unc", "unic_l", pooling="head", pretrained=True)
     with pytest.raises(UserError, match="unic_l.pth"):
-        unc.build(dict(cfg("unc", "unic_l"), pretrained=True))
+        unc.build("unic_l", pretrained=True)
 
     enc = dinov2_layout(tiny_encoder(False, seed=3))
     args = {"arch": "vit_small", "patch_size": 14, "image_size": 56}
@@ -155,20 +155,20 @@ def test_unic_errors_name_the_file(tmp_path, monkeypatch):
     del broken["blocks.0.1.attn.qkv.weight"]
     path = unic_file(tmp_path / "missing.pth", broken, args)
     with pytest.raises(UserError, match=f"{path} does not fit"):
-        unc.build(cfg("unc", "unic_l", checkpoint=path))
+        unc.build("unic_l", checkpoint=path, pretrained=False)
     path = unic_file(tmp_path / "wide.pth", enc, dict(args, arch="vit_base"))  # 384-wide weights, ViT-B args
     with pytest.raises(UserError, match=f"{path} does not fit"):
-        unc.build(cfg("unc", "unic_l", checkpoint=path))
+        unc.build("unic_l", checkpoint=path, pretrained=False)
     path = unic_file(tmp_path / "odd.pth", enc, dict(args, arch="vit_huge"))
     with pytest.raises(UserError, match=f"{path}.*vit_huge"):
-        unc.build(cfg("unc", "unic_l", checkpoint=path))
+        unc.build("unic_l", checkpoint=path, pretrained=False)
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
     with pytest.raises(UserError, match=f"{tmp_path / 'other.pth'} does not hold a UNIC encoder"):
-        unc.build(cfg("unc", "unic_l", checkpoint=str(tmp_path / "other.pth")))
+        unc.build("unic_l", checkpoint=str(tmp_path / "other.pth"), pretrained=False)
 
     torch.save({"model": {}, "args": fractions.Fraction(1, 3)}, tmp_path / "pickled.pth")  # weights_only refuses it
     with pytest.raises(UserError, match="cannot be read safely.*Fraction"):
-        unc.build(cfg("unc", "unic_l", checkpoint=str(tmp_path / "pickled.pth")))
+        unc.build("unic_l", checkpoint=str(tmp_path / "pickled.pth"), pretrained=False)
 
     # Random weights (pretrained=False) are seeded; a small stand-in for the ViT-L keeps this fast.
     monkeypatch.setitem(unc.MODELS, "unic_l", ("vit_small", 14, 56))
@@ -204,7 +204,7 @@ def test_hf_checkpoint_dir_reproduces_get_image_features(tmp_path, kind, name, p
     model = tiny_hf(kind, seed=7)
     model.save_pretrained(tmp_path / kind)
     c = cfg("hf", name, checkpoint=str(tmp_path / kind))
-    assert check(c).poolings == ("head",)
+    assert check("hf", name, pooling="head", checkpoint=str(tmp_path / kind), pretrained=False).poolings == ("head",)
     emb = embedder(c)
     assert emb.bb.mean == emb.bb.std == (0.5, 0.5, 0.5) and emb.bb.patch == 16
     assert emb.bb.model.prefix == prefix
@@ -250,25 +250,25 @@ def test_hf_names_and_errors(tmp_path, monkeypatch):
     assert hf.spec("google/siglip-so400m-patch14-384").patch == 14
     assert hf.spec("someone/any-model").weights.source == "hf-hub:someone/any-model"
     with pytest.raises(UserError, match="nearest: google/siglip-base-patch16-224"):
-        check(cfg("hf", "siglip-base-patch16-224"))
+        check("hf", "siglip-base-patch16-224", pooling="head", pretrained=False)
     with pytest.raises(UserError, match="not supported"):
-        check(cfg("hf", "openai/clip-vit-base-patch16", pooling="gem"))
+        check("hf", "openai/clip-vit-base-patch16", pooling="gem", pretrained=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="not in the local cache"):
-        check(dict(cfg("hf", "nobody/not-cached-model"), pretrained=True))
+        check("hf", "nobody/not-cached-model", pooling="head", pretrained=True)
     with pytest.raises(UserError, match="--checkpoint DIR or hub access"):
-        hf.build(cfg("hf", "nobody/not-cached-model"))
+        hf.build("nobody/not-cached-model", pretrained=False)
     with pytest.raises(UserError, match="no config.json"):
-        hf.build(cfg("hf", "openai/clip-vit-base-patch16", checkpoint=str(tmp_path)))
+        hf.build("openai/clip-vit-base-patch16", checkpoint=str(tmp_path), pretrained=False)
     (tmp_path / "w.safetensors").write_bytes(b"")
     (tmp_path / "sub").mkdir()
     with pytest.raises(UserError, match="directory written by save_pretrained"):
-        hf.build(cfg("hf", "openai/clip-vit-base-patch16", checkpoint=str(tmp_path / "w.safetensors")))
+        hf.build("openai/clip-vit-base-patch16", checkpoint=str(tmp_path / "w.safetensors"), pretrained=False)
     # A model whose code lives in the hub repo is refused, never run.
     (tmp_path / "sub" / "config.json").write_text(json.dumps(
         {"model_type": "not_in_transformers", "auto_map": {"AutoModel": "modeling_x.XModel"}}))
     with pytest.raises(UserError, match="cannot read the model config"):
-        hf.build(cfg("hf", "openai/clip-vit-base-patch16", checkpoint=str(tmp_path / "sub")))
+        hf.build("openai/clip-vit-base-patch16", checkpoint=str(tmp_path / "sub"), pretrained=False)
     src = open(hf.__file__).read()
     assert "trust_remote_code=True" not in src
 
@@ -289,7 +289,7 @@ embedder = lambda s: Embedder(**embedder_args(Config(**s)))
 M.FRAMEWORKS["hf"] = "ilias_ray.models.hf"
 c = dict(dataclasses.asdict(Config(dataset_dir=".", hdf5_dir=".")), framework="hf", pooling="head",
          model="google/siglip-base-patch16-224", pretrained=True)
-assert M.check(c).weights.cached is True
+assert M.check("hf", c["model"], pooling="head", pretrained=True).weights.cached is True
 x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
 ref = transformers.SiglipModel.from_pretrained({str(snap)!r}).eval()
 with torch.no_grad():

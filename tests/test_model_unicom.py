@@ -48,17 +48,17 @@ def test_specs(registered, tmp_path, monkeypatch):
         else:
             assert s.weights.hint.startswith("ViT_B_16_") and s.weights.hint.endswith(".pt")
             with pytest.raises(UserError, match="no public weights"):
-                check(dict(cfg(name), pretrained=True))
+                check("unicom", name, pooling="head", pretrained=True)
     with pytest.raises(UserError, match="nearest: unicom_vit_base_patch16_224"):
         unicom.spec("unicom_vit_base_patch16_22")
     with pytest.raises(UserError, match="not supported"):
-        check(cfg("unicom_vit_base_patch16_224", pooling="cls"))
-    check(cfg("unicom_vit_base_patch16_sop", checkpoint="x.pt"))
+        check("unicom", "unicom_vit_base_patch16_224", pooling="cls", pretrained=False)
+    check("unicom", "unicom_vit_base_patch16_sop", pooling="head", checkpoint="x.pt", pretrained=False)
     # The cache flag follows the file.
     (tmp_path / "FP16-ViT-B-16.pt").write_bytes(b"x")
     assert unicom.spec("unicom_vit_base_patch16_224").weights.cached is True
     with pytest.raises(UserError, match="no public weights"):
-        unicom.build(dict(cfg("unicom_vit_base_patch16_sop"), pretrained=True))
+        unicom.build("unicom_vit_base_patch16_sop", pretrained=True)
 
 
 @pytest.mark.parametrize("name", ["unicom_vit_base_patch16_224", "unicom_vit_base_patch16_gldv2"])
@@ -71,7 +71,8 @@ def test_embeds_every_pooling(registered, name):
     for p in POOLINGS:
         emb.pooling = p
         # check() asks for --checkpoint whenever a model has no public weights, even with --pretrained false.
-        check(cfg(name, pooling=p, checkpoint=None if name.endswith("_224") else "ViT_B_16_GLDv2.pt"))
+        check("unicom", name, pooling=p, checkpoint=None if name.endswith("_224") else "ViT_B_16_GLDv2.pt",
+              pretrained=False)
         f = emb.embed_pixels(PIXELS)
         assert torch.isfinite(f).all(), p
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
@@ -136,7 +137,7 @@ def reference_head(sd, t, h, w, side):
     ("unicom_vit_base_patch16_224", 16, 768, [(240, 128)]),
 ])
 def test_head_matches_independent_recomputation(name, patch, emb_dim, sizes):
-    bb = unicom.build(cfg(name))
+    bb = unicom.build(name, pretrained=False)
     m = bb.model
     assert not m.training and bb.patch == 16 and bb.token_pool is False
     g = torch.Generator().manual_seed(1)
@@ -186,7 +187,7 @@ def test_fp16_checkpoint_with_prefixes(registered, tmp_path):
     broken = tmp_path / "broken.pt"
     torch.save({f"_orig_mod.{k}": v for k, v in sd.items() if k.startswith(("patch_embed.", "pos_embed"))}, broken)
     with pytest.raises(UserError, match=r"broken\.pt does not fit the model: \d+ missing key\(s\) \(e\.g\. blocks\.0"):
-        unicom.build(cfg(name, checkpoint=str(broken)))
+        unicom.build(name, checkpoint=str(broken), pretrained=False)
 
 
 def test_sha256_is_verified_without_network(tmp_path, monkeypatch):
@@ -206,18 +207,19 @@ def test_sha256_is_verified_without_network(tmp_path, monkeypatch):
     bad.write_bytes(b"truncated")
     assert unicom.spec(name).weights.cached is True
     with pytest.raises(UserError, match="sha256 mismatch.*delete it and retry"):
-        unicom.build(dict(cfg(name), pretrained=True))
+        unicom.build(name, pretrained=True)
     assert downloads == []
     # A download whose hash does not match is not kept under the final name (nor as a partial file).
     bad.unlink()
     with pytest.raises(UserError, match="sha256 mismatch"):
-        unicom.build(dict(cfg(name), pretrained=True))
+        unicom.build(name, pretrained=True)
     assert downloads == ["https://github.com/deepglint/unicom/releases/download/b32/FP16-ViT-B-32.pt"]
     assert list((tmp_path / "cache").iterdir()) == []
     # A file whose hash matches is used: pretend the release is this fp16 state dict (of a one-block
     # variant, to keep the test fast).
     monkeypatch.setitem(unicom.MODELS, name, dataclasses.replace(unicom.MODELS[name], depth=1))
-    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in unicom.build(cfg(name)).model.state_dict().items()}
+    random = unicom.build(name, pretrained=False).model.state_dict()
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in random.items()}
     good = tmp_path / "release.pt"
     torch.save(sd, good)
     monkeypatch.setitem(unicom.MODELS, name, dataclasses.replace(
@@ -229,8 +231,8 @@ def test_sha256_is_verified_without_network(tmp_path, monkeypatch):
             f.write(good.read_bytes())
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", good_download)
-    m = unicom.build(dict(cfg(name), pretrained=True)).model
+    m = unicom.build(name, pretrained=True).model
     assert len(downloads) == 2 and (tmp_path / "cache" / "FP16-ViT-B-32.pt").exists()
     torch.testing.assert_close(m.pos_embed.detach(), sd["pos_embed"].float(), rtol=0, atol=0)
-    unicom.build(dict(cfg(name), pretrained=True))  # now from the verified cache
+    unicom.build(name, pretrained=True)  # now from the verified cache
     assert len(downloads) == 2

@@ -46,7 +46,7 @@ def test_builds_and_embeds_every_supported_pooling(fw, model):
     emb = embedder(cfg(fw, model))
     for pooling in spec.poolings:
         emb.pooling = pooling  # one model, every pooling
-        check(cfg(fw, model, pooling=pooling))
+        check(fw, model, pooling=pooling, pretrained=False)
         f = emb.embed_pixels(PIXELS)
         assert torch.isfinite(f).all(), pooling
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
@@ -81,10 +81,10 @@ def test_checkpoints_reproduce_features(tmp_path):
     a.pooling = "head"  # the reference: classifier[6] replaced by Identity, 4096-d
     torch.testing.assert_close(a.embed_pixels(x), want_head, rtol=1e-4, atol=1e-5)
     plain = tmp_path / "ours.pth"  # a file saved from our model (no classifier.6) loads too
-    torch.save(framework("tv").build(cfg("tv", "alexnet")).model.state_dict(), plain)
+    torch.save(framework("tv").build("alexnet", pretrained=False).model.state_dict(), plain)
     torch.testing.assert_close(features(cfg("tv", "alexnet", checkpoint=str(plain))), features(cfg("tv", "alexnet")))
 
-    r50 = framework("fb").build(cfg("fb", "mocov3_resnet50")).model.state_dict()
+    r50 = framework("fb").build("mocov3_resnet50", pretrained=False).model.state_dict()
     released = {f"module.base_encoder.{k}": v for k, v in r50.items()}
     released.update({f"module.momentum_encoder.{k}": v + 1 for k, v in r50.items()})
     released["module.base_encoder.fc.0.weight"] = torch.zeros(4096, 2048)  # the MLP projector
@@ -96,7 +96,7 @@ def test_checkpoints_reproduce_features(tmp_path):
 
 def test_dinov2_reg_original_key_names_load_through_timm(tmp_path):
     """The original DINOv2 checkpoint layout (register_tokens, mask_token) maps onto timm's model."""
-    model = framework("fb").build(cfg("fb", "dinov2_vits14_reg")).model
+    model = framework("fb").build("dinov2_vits14_reg", pretrained=False).model
     sd = model.state_dict()
     original = {("register_tokens" if k == "reg_token" else k): v for k, v in sd.items()}
     original["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
@@ -143,20 +143,20 @@ def test_open_clip_checkpoint(tmp_path):
 
 def test_unknown_names_and_missing_weights_are_clean_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="nearest: dinov2_vitl14_reg"):
-        check(cfg("fb", "dinov2_vitl14_regs"))
+        check("fb", "dinov2_vitl14_regs", pooling="head", pretrained=False)
     with pytest.raises(UserError, match="unknown --framework"):
-        check(cfg("nope", "x"))
+        check("nope", "x", pooling="head", pretrained=False)
     with pytest.raises(UserError, match="not supported"):
-        check(cfg("tv", "alexnet", pooling="cls"))
+        check("tv", "alexnet", pooling="cls", pretrained=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
     for fw, model in CASES:
         with pytest.raises(UserError, match="(not in the local cache|no public weights).*(download|--checkpoint)"):
-            check(dict(cfg(fw, model), pretrained=True))
+            check(fw, model, pooling="head", pretrained=True)
     torch.save({"junk.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="does not fit the model"):
-        framework("tv").build(cfg("tv", "alexnet", checkpoint=str(tmp_path / "wrong.pth")))
+        framework("tv").build("alexnet", checkpoint=str(tmp_path / "wrong.pth"), pretrained=False)
 
 
 def test_remote_code_only_behind_the_flag(tmp_path, monkeypatch):
@@ -167,17 +167,17 @@ def test_remote_code_only_behind_the_flag(tmp_path, monkeypatch):
         return torch.nn.Linear(2, 2)
 
     monkeypatch.setattr(torch.hub, "load", fake_hub_load)
-    r50 = framework("fb").build(cfg("fb", "swav")).model.state_dict()
+    r50 = framework("fb").build("swav", pretrained=False).model.state_dict()
     torch.save({f"module.{k}": v for k, v in r50.items()}, tmp_path / "swav.pth.tar")
-    framework("fb").build(cfg("fb", "swav", checkpoint=str(tmp_path / "swav.pth.tar")))
-    framework("fb").build(cfg("fb", "swav", trust_remote_code=True))  # random weights: no hub either
+    framework("fb").build("swav", checkpoint=str(tmp_path / "swav.pth.tar"), pretrained=False)
+    framework("fb").build("swav", pretrained=False, trust_remote_code=True)  # random weights: no hub either
     assert calls == []
-    framework("fb").build(dict(cfg("fb", "swav", trust_remote_code=True), pretrained=True))
+    framework("fb").build("swav", pretrained=True, trust_remote_code=True)
     assert calls == [("facebookresearch/swav:main", "resnet50", True)]
     # Nothing else in the package calls torch.hub.load or unpickles without weights_only=True.
     src = subprocess.run(["grep", "-rn", r"torch\.hub\.load(\|torch\.load(", "ilias_ray"], capture_output=True,
                          text=True).stdout.splitlines()
-    assert all("fb.py" in ln and "trust_repo=cfg" in ln or "weights_only=True" in ln for ln in src), src
+    assert all("fb.py" in ln and "trust_repo=trust_remote_code" in ln or "weights_only=True" in ln for ln in src), src
 
 
 def test_models_command_lists_the_benchmark_table():
@@ -200,8 +200,8 @@ def test_models_without_public_hub_names_load_user_checkpoints(tmp_path):
         spec = framework("timm").spec(name)
         assert not spec.weights.public and f"num_classes={dim}" in spec.weights.hint
         with pytest.raises(UserError, match="no public weights"):
-            check(dict(cfg("timm", name), pretrained=True))
-        model = framework("timm").build(cfg("timm", name)).model
+            check("timm", name, pooling="head", pretrained=True)
+        model = framework("timm").build(name, pretrained=False).model
         path = tmp_path / f"{dim}.pth"
         torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
         pooling = "cls" if "vit" in name else "head"
@@ -288,7 +288,7 @@ def test_weights_load_once_per_actor(monkeypatch):
 
     calls = []
     real = embed_mod.build
-    monkeypatch.setattr(embed_mod, "build", lambda c: calls.append(1) or real(c))
+    monkeypatch.setattr(embed_mod, "build", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     emb = embedder(cfg("timm", "resnet18"))
     img = np.zeros((20, 30, 3), np.uint8)
     batch = {"seq": np.arange(3), "out": np.zeros(3, np.int32), "unit": np.zeros(3, np.int32), "pos": np.arange(3),

@@ -1,10 +1,9 @@
 """Backbone registry: `--framework` name -> module. One module per framework (timm-style).
 
-Every framework module provides:
-- `names()`: the model names it knows (used for "did you mean" errors and the models table);
-- `spec(name)`: a `ModelSpec` (mean/std, padding multiple, poolings, text tower, weights),
-  cheap, without loading weights; raises UserError for an unknown name;
-- `build(cfg)`: a `Backbone` in eval mode on the CPU, weights loaded once.
+Every framework module is a `Framework` (the Protocol below): `names()`, `spec(name)` and
+`build(name, *, checkpoint, pretrained, trust_remote_code)`, the same typed entry point for all
+of them, in the spirit of timm's `create_model`. No framework sees the whole run configuration:
+`build` and `check` here take the settings by name.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import difflib
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -63,6 +62,7 @@ class ModelSpec:
 @dataclass
 class Backbone:
     model: torch.nn.Module
+    dim: int  # width of the `head` output (text towers: of encode_text), read from the model, not measured
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     patch: int = 0  # ViT inputs are zero-padded to a multiple of this (0 = no padding)
@@ -76,7 +76,30 @@ class Backbone:
         self.features = self.features or getattr(self.model, "forward_features", None)
 
 
-def framework(name: str):
+@runtime_checkable
+class Framework(Protocol):
+    """What every module in FRAMEWORKS provides (tests/test_model_contract.py checks each one).
+
+    A setting that some backbone needs beyond these (a resolution, a pooling) becomes one more
+    explicit keyword argument here and in every module's `build`, never a dict of the config.
+    """
+
+    def names(self) -> tuple:
+        """The model names it knows (for "did you mean" errors and the models table)."""
+
+    def spec(self, name: str) -> ModelSpec:
+        """Mean/std, padding multiple, poolings, text tower, weights: cheap, no weights loaded.
+        An unknown `name` raises a one-line UserError."""
+
+    def build(self, name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+              trust_remote_code: bool = False) -> Backbone:
+        """The backbone in eval mode on the CPU, its weights loaded once: from `checkpoint` (a local
+        file read with weights_only=True or safetensors) if given, else the published weights if
+        `pretrained`, else seeded random weights (every actor builds the same ones). Hub code runs
+        only with `trust_remote_code`. An unknown `name` raises a one-line UserError."""
+
+
+def framework(name: str) -> Framework:
     if name not in FRAMEWORKS:
         raise UserError(f"unknown --framework {name!r}; known: {', '.join(FRAMEWORKS)}")
     return importlib.import_module(FRAMEWORKS[name])
@@ -92,29 +115,31 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def build(cfg: dict) -> Backbone:
-    """Build the backbone for `cfg` (a Config as dict), in eval mode, on the CPU."""
-    return framework(cfg["framework"]).build(cfg)
+def build(framework_name: str, model: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
+    """`--framework framework_name --model model` built by its module (see `Framework.build`)."""
+    return framework(framework_name).build(model, checkpoint=checkpoint, pretrained=pretrained,
+                                           trust_remote_code=trust_remote_code)
 
 
-def check(cfg: dict) -> ModelSpec:
+def check(framework_name: str, model: str, *, pooling: str, checkpoint: Optional[str] = None,
+          pretrained: bool = True) -> ModelSpec:
     """Name, pooling and weight checks on the driver, so mistakes fail before any Ray work."""
-    fw = framework(cfg["framework"])
-    spec = fw.spec(cfg["model"])
-    if cfg["framework"] != "text" and cfg["pooling"] not in spec.poolings:
+    spec = framework(framework_name).spec(model)
+    if framework_name != "text" and pooling not in spec.poolings:
         raise UserError(
-            f"--pooling {cfg['pooling']} is not supported by {cfg['framework']}:{cfg['model']} "
+            f"--pooling {pooling} is not supported by {framework_name}:{model} "
             f"(supported: {', '.join(spec.poolings)})"
         )
     w = spec.weights
-    if cfg.get("checkpoint"):
+    if checkpoint:
         return spec
-    if not cfg.get("pretrained", True):
+    if not pretrained:
         return spec  # seeded random weights: nothing to fetch
     if not w.public:
-        raise UserError(f"{cfg['model']}: no public weights; pass --checkpoint FILE ({w.hint})")
+        raise UserError(f"{model}: no public weights; pass --checkpoint FILE ({w.hint})")
     if w.cached is False and offline():
-        raise UserError(f"{cfg['model']}: weights are not in the local cache and HF_HUB_OFFLINE=1; {w.hint}")
+        raise UserError(f"{model}: weights are not in the local cache and HF_HUB_OFFLINE=1; {w.hint}")
     return spec
 
 

@@ -15,6 +15,8 @@ Activations are "clamps" (ReLU with a floor `alpha`), with the floors of the ref
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -289,18 +291,18 @@ def load_checkpoint(model: CVNetGlobal, path: str) -> None:
         raise UserError(f"{e}; expected CVPR2022_CVNet_R{model.depth}.pyth") from None
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     s = spec(name)
     depth, superglobal = MODELS[name]
-    ckpt = cfg.get("checkpoint")
-    if not ckpt and cfg.get("pretrained", True):
+    if not checkpoint and pretrained:
         raise UserError(f"{name}: the weights are not public; pass --checkpoint FILE ({s.weights.hint})")
     torch.manual_seed(0)  # --pretrained false: every actor builds the same random weights
     model = CVNetGlobal(depth, superglobal)
     with torch.no_grad():
         model.head.pool.p.fill_(GEM_P)
-    if ckpt:
-        load_checkpoint(model, ckpt)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
     model.eval()
-    return Backbone(model=model, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=0, head=model.embed, features=None)
+    return Backbone(model=model, dim=model.head.fc.out_features, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=0,
+                    head=model.embed, features=None)

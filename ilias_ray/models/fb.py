@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ RELEASED = {
     "mocov3_vitb16": ("vit_base_patch16_224", f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
                       ("module.base_encoder.",), None),
 }
+HUB_DIM = 2048  # the torch.hub entries are ResNet-50s whose `fc` we drop: their pooled features
 # Heads of the self-supervised training (projectors, prototypes, the momentum twin) are not features.
 DROP = ("fc.", "head.", "projection_head.", "prototypes.", "module.momentum_encoder.", "module.predictor.",
         "momentum_encoder.", "predictor.")
@@ -74,10 +76,10 @@ def spec(name: str) -> ModelSpec:
     raise unknown_model("fb", name, names())
 
 
-def _use_hub(cfg: dict, name: str) -> bool:
+def _use_hub(name: str, checkpoint: Optional[str], pretrained: bool, trust_remote_code: bool) -> bool:
     """torch.hub runs the repo's code: only on the user's explicit --trust_remote_code true."""
-    return (bool(cfg.get("trust_remote_code")) and name in RELEASED and RELEASED[name][3] is not None
-            and not cfg.get("checkpoint") and cfg.get("pretrained", True))
+    return (bool(trust_remote_code) and name in RELEASED and RELEASED[name][3] is not None
+            and not checkpoint and pretrained)
 
 
 def use_dino_pos_embed(model) -> None:
@@ -116,26 +118,25 @@ def use_dino_pos_embed(model) -> None:
     model._pos_embed = pos_embed
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     s = spec(name)
-    ckpt = cfg.get("checkpoint")
     if name in TIMM:
-        model = timm_models.create(TIMM[name], ckpt, cfg.get("pretrained", True)).eval()
+        model = timm_models.create(TIMM[name], checkpoint, pretrained).eval()
         if name.startswith(("dino_", "dinov2_")):  # DINOv3 uses RoPE: no table to resize
             use_dino_pos_embed(model)
-    elif _use_hub(cfg, name):
+    elif _use_hub(name, checkpoint, pretrained, trust_remote_code):
         repo, entry = RELEASED[name][3]
-        model = torch.hub.load(repo, entry, trust_repo=cfg["trust_remote_code"]).eval()
+        model = torch.hub.load(repo, entry, trust_repo=trust_remote_code).eval()
         if hasattr(model, "fc"):
             model.fc = torch.nn.Identity()  # the pooled features, as from the released weights
-        return Backbone(model=model, patch=s.patch)
+        return Backbone(model=model, dim=HUB_DIM, patch=s.patch)
     else:
         arch, url, prefixes, _ = RELEASED[name]
         model = timm_models.create(arch, None, pretrained=False).eval()
-        if ckpt:
-            sd, src = load_state_dict(ckpt), ckpt
-        elif cfg.get("pretrained", True):
+        if checkpoint:
+            sd, src = load_state_dict(checkpoint), checkpoint
+        elif pretrained:
             sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
             sd, src = sd.get("state_dict", sd), url
         else:
@@ -153,5 +154,5 @@ def build(cfg: dict) -> Backbone:
             grid = t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[-1], x.shape[-2] // p, x.shape[-1] // p)
             return t[:, 0], grid
 
-    return Backbone(model=model, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=s.patch, token_pool=token_pool,
-                    features=features)
+    return Backbone(model=model, dim=timm_models.head_dim(model), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    patch=s.patch, token_pool=token_pool, features=features)

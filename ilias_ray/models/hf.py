@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Optional
 
 import torch
 
@@ -99,8 +100,7 @@ def _from_file(path: str):
     return model
 
 
-def load(cfg: dict):
-    name, ckpt = cfg["model"], cfg.get("checkpoint")
+def load(name: str, ckpt: Optional[str], pretrained: bool):
     if ckpt:
         ckpt = str(ckpt)
         if os.path.isdir(ckpt):
@@ -113,7 +113,7 @@ def load(cfg: dict):
                                 "(config.json + model.safetensors)")
             return _from_file(ckpt)
         raise UserError(f"--checkpoint {ckpt}: no such file or directory")
-    if cfg.get("pretrained", True):
+    if pretrained:
         return _from_pretrained(name, f"{name} ({hf_hint(name)})")
     # Random weights need the architecture, i.e. the hub config (cached or online).
     config = _config(name, f"{name}: random weights need the hub config; hf models need --checkpoint DIR or hub access")
@@ -146,6 +146,8 @@ class ImageTower(torch.nn.Module):
         if getattr(getattr(self.vision, "config", None), "vision_use_head", True) is False:
             raise UserError(f"--framework hf: {name} has no pooling head (vision_use_head=False)")
         self.patch = emb.patch_embedding.kernel_size[0]
+        # the embedding's width: CLIP's projection, else the pooled output (the tokens' width)
+        self.dim = self.proj.out_features if self.proj is not None else emb.patch_embedding.out_channels
         grid = emb.image_size // self.patch
         self.prefix = emb.position_embedding.num_embeddings - grid * grid  # 1: CLIP's class token
         table = emb.position_embedding
@@ -170,8 +172,8 @@ class ImageTower(torch.nn.Module):
         return self.proj(pooled) if self.proj is not None else pooled
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     s = spec(name)
-    tower = ImageTower(load(cfg), name).eval()
-    return Backbone(model=tower, mean=s.mean, std=s.std, patch=tower.patch, head=tower)
+    tower = ImageTower(load(name, checkpoint, pretrained), name).eval()
+    return Backbone(model=tower, dim=tower.dim, mean=s.mean, std=s.std, patch=tower.patch, head=tower)

@@ -6,6 +6,8 @@ architecture (384: ViT-S/16, 768: ViT-B/16) and its `head.weight`, if any, the e
 
 from __future__ import annotations
 
+from typing import Optional
+
 import timm
 import torch
 
@@ -28,18 +30,18 @@ def spec(name: str) -> ModelSpec:
     return ModelSpec(patch=16, poolings=ALL_POOLINGS, weights=Weights("user checkpoint", None, HINT, public=False))
 
 
-def build(cfg: dict) -> Backbone:
-    spec(cfg["model"])
-    ckpt = cfg.get("checkpoint")
-    sd = strip_prefixes(load_state_dict(ckpt), ("module.", "model.", "backbone.")) if ckpt else {}
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
+    spec(name)
+    sd = strip_prefixes(load_state_dict(checkpoint), ("module.", "model.", "backbone.")) if checkpoint else {}
     width = sd["cls_token"].shape[-1] if "cls_token" in sd else 384
     if width not in WIDTHS:
         from ilias_ray.config import UserError
 
-        raise UserError(f"--checkpoint {ckpt}: a ViT of width {width}; hier expects 384 or 768")
+        raise UserError(f"--checkpoint {checkpoint}: a ViT of width {width}; hier expects 384 or 768")
     classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     torch.manual_seed(0)
     model = timm.create_model(WIDTHS[width], pretrained=False, num_classes=classes, dynamic_img_size=True)
-    if ckpt:
-        load_into(model, sd, ckpt)
-    return Backbone(model=model.eval(), patch=16, token_pool=True)
+    if checkpoint:
+        load_into(model, sd, checkpoint)
+    return Backbone(model=model.eval(), dim=classes or width, patch=16, token_pool=True)

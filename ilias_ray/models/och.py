@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import types
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,21 +45,21 @@ def open_clip_weights(name: str, tag) -> Weights:
     return Weights("none", None, "pass --checkpoint FILE")
 
 
-def open_clip_pretrained(cfg: dict, tag):
+def open_clip_pretrained(tag, checkpoint: Optional[str], pretrained: bool):
     """open_clip's `pretrained=` for this run: the user's file, None (seeded random), or the tag."""
-    if cfg.get("checkpoint"):
-        return cfg["checkpoint"]  # open_clip reads local files with weights_only=True
-    if not cfg.get("pretrained", True):
+    if checkpoint:
+        return checkpoint  # open_clip reads local files with weights_only=True
+    if not pretrained:
         torch.manual_seed(0)  # every actor builds the same random weights
         return None
     return tag
 
 
-def spec(model: str) -> ModelSpec:
-    if model not in names():
-        raise unknown_model("och", model, names())
+def spec(name: str) -> ModelSpec:
+    if name not in names():
+        raise unknown_model("och", name, names())
     return ModelSpec(mean=OPENAI_MEAN, std=OPENAI_STD, poolings=CNN_POOLINGS, has_text=True,
-                     weights=open_clip_weights(*split(model)))
+                     weights=open_clip_weights(*split(name)))
 
 
 def _attnpool_any_size(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,16 +84,17 @@ def _attnpool_any_size(self, x: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
-def build(cfg: dict) -> Backbone:
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     import open_clip
 
-    spec(cfg["model"])
-    name, tag = split(cfg["model"])
-    visual = open_clip.create_model(name, pretrained=open_clip_pretrained(cfg, tag)).visual.eval()
+    spec(name)
+    oc_name, tag = split(name)
+    visual = open_clip.create_model(oc_name, pretrained=open_clip_pretrained(tag, checkpoint, pretrained)).visual.eval()
     visual.attnpool.forward = types.MethodType(_attnpool_any_size, visual.attnpool)
 
     def trunk(x):
         x = visual.stem(x)
         return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
 
-    return Backbone(model=visual, mean=OPENAI_MEAN, std=OPENAI_STD, features=trunk)
+    return Backbone(model=visual, dim=visual.output_dim, mean=OPENAI_MEAN, std=OPENAI_STD, features=trunk)

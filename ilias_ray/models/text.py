@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 from ilias_ray.models import Backbone, ModelSpec, unknown_model
 from ilias_ray.models.och import open_clip_pretrained, open_clip_weights
 
@@ -47,15 +51,26 @@ def lookup(model: str) -> tuple:
     return TEXT_MODELS[model]
 
 
-def spec(model: str) -> ModelSpec:
-    name, tag = lookup(model)
-    return ModelSpec(has_text=True, poolings=("head",), weights=open_clip_weights(name, tag))
+def spec(name: str) -> ModelSpec:
+    oc_name, tag = lookup(name)
+    return ModelSpec(has_text=True, poolings=("head",), weights=open_clip_weights(oc_name, tag))
 
 
-def build(cfg: dict) -> Backbone:
+def text_dim(model: torch.nn.Module) -> int:
+    """Width of `encode_text`: the text projection's output, else the text transformer's width.
+    CLIP keeps the text tower's parts on the model itself; CustomTextCLIP keeps it whole as `text`."""
+    tower = getattr(model, "text", None) or model
+    proj = getattr(tower, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.out_features
+    return proj.shape[-1] if proj is not None else tower.transformer.width
+
+
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     import open_clip
 
-    name, tag = lookup(cfg["model"])
-    model = open_clip.create_model(name, pretrained=open_clip_pretrained(cfg, tag))
+    oc_name, tag = lookup(name)
+    model = open_clip.create_model(oc_name, pretrained=open_clip_pretrained(tag, checkpoint, pretrained))
     model.visual = None  # only the text tower is used
-    return Backbone(model=model.eval(), tokenizer=open_clip.get_tokenizer(name))
+    return Backbone(model=model.eval(), dim=text_dim(model), tokenizer=open_clip.get_tokenizer(oc_name))

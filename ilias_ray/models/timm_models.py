@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Optional
 
 import timm
 import torch
@@ -112,16 +113,23 @@ def create_custom(name: str, checkpoint=None) -> torch.nn.Module:
     return model
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def head_dim(model: torch.nn.Module) -> int:
+    """Width of a timm model's output: its classifier's classes (kept CLIP projections, embedding
+    layers), else the pre-logits features (`head_hidden_size` where the head has a hidden layer)."""
+    return model.num_classes or getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     s = spec(name)
     if custom(name):
-        model = create_custom(name, cfg.get("checkpoint")).eval()
+        model = create_custom(name, checkpoint).eval()
     else:
-        model = create(name, cfg.get("checkpoint"), cfg.get("pretrained", True)).eval()
+        model = create(name, checkpoint, pretrained).eval()
     pc = model.pretrained_cfg or {}
     return Backbone(
         model=model,
+        dim=head_dim(model),
         mean=tuple(pc.get("mean", s.mean)),
         std=tuple(pc.get("std", s.std)),
         patch=s.patch,

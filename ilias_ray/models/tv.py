@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torchvision
@@ -41,32 +42,35 @@ def trunk(model: torch.nn.Module) -> torch.nn.Module:
     raise NotImplementedError(f"no feature trunk known for {type(model).__name__}; use --pooling head")
 
 
-def drop_classifier(model: torch.nn.Module) -> str:
+def drop_classifier(model: torch.nn.Module) -> tuple:
     """Replace the last Linear layer by Identity, so `head` gives the penultimate features (the
-    reference's AlexNet: `classifier[6] = Identity`, 4096-d). Returns the removed layer's name."""
+    reference's AlexNet: `classifier[6] = Identity`, 4096-d). Returns the removed layer's name and
+    its input width (the `head` width), or ("", 0) when the model has no Linear classifier."""
     for prefix in ("classifier", "heads", ""):
+        if prefix and not isinstance(getattr(model, prefix, None), torch.nn.Module):
+            continue  # e.g. ResNet: no `classifier`, its `fc` is a child of the model itself
         parent = model.get_submodule(prefix) if prefix else model
         for name, child in reversed(list(parent.named_children())):
             if isinstance(child, torch.nn.Linear):
                 setattr(parent, name, torch.nn.Identity())
-                return f"{prefix}.{name}" if prefix else name
-    return ""
+                return (f"{prefix}.{name}" if prefix else name), child.in_features
+    return "", 0
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     spec(name)
-    ckpt = cfg.get("checkpoint")
     torch.manual_seed(0)  # --pretrained false: every actor builds the same random weights
     model = torchvision.models.get_model(name, weights=None)
     features = trunk(model)
-    removed = drop_classifier(model)
+    removed, width = drop_classifier(model)
     drop = (removed + ".",) if removed else ()
-    if ckpt:
-        load_into(model, strip_prefixes(load_state_dict(ckpt), ("module.",)), ckpt, drop=drop)
-    elif cfg.get("pretrained", True):
+    if checkpoint:
+        load_into(model, strip_prefixes(load_state_dict(checkpoint), ("module.",)), checkpoint, drop=drop)
+    elif pretrained:
         # Our own download (into $TORCH_HOME, hash-checked) so the file is read with weights_only=True.
         url = torchvision.models.get_model_weights(name).DEFAULT.url
         sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
         load_into(model, sd, url, drop=drop)
-    return Backbone(model=model.eval(), features=features)
+    # Without a Linear classifier (SqueezeNet's is a conv), `head` is the classifier's output.
+    return Backbone(model=model.eval(), dim=width or model.num_classes, features=features)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import Optional
 
 import torch
 
@@ -186,13 +187,12 @@ def encoder_from_checkpoint(path: str) -> torch.nn.Module:
     return model
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     s = spec(name)
-    ckpt = cfg.get("checkpoint")
-    if ckpt:
-        model = encoder_from_checkpoint(str(ckpt))
-    elif cfg.get("pretrained", True):
+    if checkpoint:
+        model = encoder_from_checkpoint(str(checkpoint))
+    elif pretrained:
         raise UserError(f"{name}: no public weights; pass --checkpoint unic_l.pth ({HINT})")
     else:
         arch, patch, size = MODELS[name]
@@ -204,4 +204,5 @@ def build(cfg: dict) -> Backbone:
     def head(x, f=model.forward_features):
         return f(x)[:, 0]  # x_norm_clstoken
 
-    return Backbone(model=model, mean=s.mean, std=s.std, patch=model.patch_embed.patch_size[0], head=head)
+    return Backbone(model=model, dim=model.num_features, mean=s.mean, std=s.std,
+                    patch=model.patch_embed.patch_size[0], head=head)

@@ -251,14 +251,12 @@ def spec(name: str) -> ModelSpec:
                      weights=weights(a))
 
 
-def build(cfg: dict) -> Backbone:
-    name = cfg["model"]
+def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
+          trust_remote_code: bool = False) -> Backbone:
     a = arch(name)
-    ckpt = cfg.get("checkpoint")
-    pretrained = cfg.get("pretrained", True)
-    if not ckpt and pretrained and a.url is None:
+    if not checkpoint and pretrained and a.url is None:
         raise UserError(f"{name}: no public weights; pass --checkpoint FILE ({a.user_file})")
-    path = ckpt or (fetch(a) if pretrained else None)  # verify before building the (large) model
+    path = checkpoint or (fetch(a) if pretrained else None)  # verify before building the (large) model
     if path:
         # Every tensor comes from the file (a strict load), so skip the random init: the 336 px and
         # GLDv2 embedding layers alone hold 600M weights.
@@ -270,5 +268,5 @@ def build(cfg: dict) -> Backbone:
         torch.manual_seed(0)  # --pretrained false: every actor builds the same random weights
         model = UnicomViT(a)
     model.eval()
-    return Backbone(model=model, mean=OPENAI_MEAN, std=OPENAI_STD, patch=pad_multiple(name), token_pool=False,
-                    head=model, features=model.forward_features)
+    return Backbone(model=model, dim=a.embedding, mean=OPENAI_MEAN, std=OPENAI_STD, patch=pad_multiple(name),
+                    token_pool=False, head=model, features=model.forward_features)
