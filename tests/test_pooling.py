@@ -292,3 +292,16 @@ def test_cls_half_returns_float32():
 def test_bad_ndim():
     with pytest.raises(ValueError):
         pool("gap", torch.zeros(2, 3), False)
+
+
+def test_gem_with_negative_map():
+    """GeM with m = min(0, min x) on a map that has negative values (the `+ m` shift)."""
+    x = torch.randn(2, 5, 3, 4)
+    got = pool("gem", x, False)
+    exp = torch.zeros(2, 5)
+    for i in range(2):
+        for c in range(5):
+            v = [float(t) for t in x[i, c].flatten()]
+            m = min(0.0, min(v))
+            exp[i, c] = (sum(max(t + m, 1e-6) ** 3 for t in v) / len(v)) ** (1 / 3) - m
+    torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
