@@ -67,8 +67,9 @@ def decode_floor(data: list, cfg: dict) -> tuple:
     return len(data) / (time.perf_counter() - t), arrays
 
 
-def model_floor(arrays: list, cfg: dict, threads: int, channels_last=None, chunk_pixels=None,
-                repeats: int = 2) -> float:
+def model_floor(
+    arrays: list, cfg: dict, threads: int, channels_last=None, chunk_pixels=None, repeats: int = 2
+) -> float:
     """Images/s of the model stage alone (best of `repeats` passes: this machine's timings are
     noisy); the keyword arguments override the stage's own choices."""
     from ilias_ray.embed import Embedder
@@ -83,8 +84,11 @@ def model_floor(arrays: list, cfg: dict, threads: int, channels_last=None, chunk
     groups = defaultdict(list)
     for a in arrays:
         groups[a.shape].append(a)
-    batches = [torch.from_numpy(np.stack(g[i : i + cfg["batch_size"]]))
-               for g in groups.values() for i in range(0, len(g), cfg["batch_size"])]
+    batches = [
+        torch.from_numpy(np.stack(g[i : i + cfg["batch_size"]]))
+        for g in groups.values()
+        for i in range(0, len(g), cfg["batch_size"])
+    ]
     emb.embed_pixels(batches[0])  # warm-up
     if emb.device.type == "cuda":
         torch.cuda.synchronize()
@@ -131,8 +135,13 @@ class PeakMemory:
     of a job's process and all its children (the local Ray cluster's raylet, workers and actors);
     keeps the peak of their sum and the largest single process of each role."""
 
-    ROLES = (("Sink", "sink actor"), ("Embedder", "model actors"), ("ReadIlias", "read+decode workers"),
-             ("raylet", "raylet"), ("gcs_server", "gcs"))
+    ROLES = (
+        ("Sink", "sink actor"),
+        ("Embedder", "model actors"),
+        ("ReadIlias", "read+decode workers"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+    )
 
     def __init__(self, pid: int, every: float = 0.3):
         import psutil
@@ -188,9 +197,28 @@ def job_memory(shard_dir: str, out: str, per_file: int, args) -> dict:
     """Peak private memory per role of an `ilias-ray extract` job run as its own process."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "ilias_ray", "extract", "--dataset_dir", shard_dir, "--hdf5_dir", out,
-           "--partition", "distractors", "--model", args.model, "--resolution", str(args.resolution),
-           "--batch_size", str(args.batch_size), "--pretrained", "false", "--tar_batch_size", str(per_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ilias_ray",
+        "extract",
+        "--dataset_dir",
+        shard_dir,
+        "--hdf5_dir",
+        out,
+        "--partition",
+        "distractors",
+        "--model",
+        args.model,
+        "--resolution",
+        str(args.resolution),
+        "--batch_size",
+        str(args.batch_size),
+        "--pretrained",
+        "false",
+        "--tar_batch_size",
+        str(per_file),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     with PeakMemory(proc.pid) as mem:
         if proc.wait() != 0:
@@ -227,8 +255,13 @@ def reference_style(shards: list, cfg: dict, workers: int, out_path: str) -> flo
     from ilias_ray.preprocess import large_side_size
 
     t = time.perf_counter()
-    bb = build(cfg["framework"], cfg["model"], checkpoint=cfg["checkpoint"], pretrained=cfg["pretrained"],
-               trust_remote_code=cfg["trust_remote_code"])  # in eval mode
+    bb = build(
+        cfg["framework"],
+        cfg["model"],
+        checkpoint=cfg["checkpoint"],
+        pretrained=cfg["pretrained"],
+        trust_remote_code=cfg["trust_remote_code"],
+    )  # in eval mode
 
     class Shards(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -250,8 +283,9 @@ def reference_style(shards: list, cfg: dict, workers: int, out_path: str) -> flo
             groups[x.shape].append((x, key))
         return [(torch.stack([x for x, _ in g]), [k for _, k in g]) for g in groups.values()]
 
-    loader = torch.utils.data.DataLoader(Shards(), batch_size=cfg["webdl_batch_size"], num_workers=workers,
-                                         collate_fn=by_aspect)
+    loader = torch.utils.data.DataLoader(
+        Shards(), batch_size=cfg["webdl_batch_size"], num_workers=workers, collate_fn=by_aspect
+    )
     feats, ids = [], []
     with torch.inference_mode():
         for groups in loader:
@@ -279,10 +313,16 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--skip_reference", action="store_true", help="skip (d), e.g. on a GPU machine")
     p.add_argument("--memory", action="store_true", help="also run the job at two chunk sizes (peak memory)")
-    p.add_argument("--variants", action="store_true",
-                   help="also measure the model stage and the pixel transfer with each CPU choice switched off")
-    p.add_argument("--s3", action="store_true",
-                   help="also measure read floors from a local S3 server (moto) next to the local ones")
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="also measure the model stage and the pixel transfer with each CPU choice switched off",
+    )
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="also measure read floors from a local S3 server (moto) next to the local ones",
+    )
     p.add_argument("--only", choices=["read"], default=None, help="read: run only the read floors")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ilias_ray_bench"))
     p.add_argument("--json", default=None, help="write the results here")
@@ -296,9 +336,17 @@ def main() -> int:
 
     def config(**kw) -> Config:
         kw = {"tar_batch_size": len(shards), **kw}
-        return Config(dataset_dir=shard_dir, hdf5_dir=out_dir, partition="distractors", model=args.model,
-                      resolution=args.resolution, batch_size=args.batch_size, pretrained=False,
-                      overwrite=True, **kw)
+        return Config(
+            dataset_dir=shard_dir,
+            hdf5_dir=out_dir,
+            partition="distractors",
+            model=args.model,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            pretrained=False,
+            overwrite=True,
+            **kw,
+        )
 
     cfg = config()
     c = dataclasses.asdict(cfg)
@@ -306,8 +354,7 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     reads = read_floors(shards, c, args.s3) if args.s3 or args.only == "read" else {}
     if args.only == "read":
-        res = {"machine": f"{platform.processor() or platform.machine()}, {cpus} CPUs",
-               "images": args.images, **reads}
+        res = {"machine": f"{platform.processor() or platform.machine()}, {cpus} CPUs", "images": args.images, **reads}
         return report(res, args.json)
     data = jpegs(shards)
     a, arrays = decode_floor(data, c)
@@ -319,10 +366,15 @@ def main() -> int:
     ideal = min(a * cpus, b) if gpu else 1 / (1 / (a * cpus) + 1 / b)
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {cpus} CPUs"
-                   + (f", {torch.cuda.get_device_name(0)}" if gpu else ", no GPU"),
-        "images": len(data), "model": args.model, "resolution": args.resolution,
-        "decode_floor_per_core": round(a, 1), "decode_floor_all_cpus": round(a * cpus, 1),
-        "model_floor": round(b, 1), "ideal": round(ideal, 1), **reads,
+        + (f", {torch.cuda.get_device_name(0)}" if gpu else ", no GPU"),
+        "images": len(data),
+        "model": args.model,
+        "resolution": args.resolution,
+        "decode_floor_per_core": round(a, 1),
+        "decode_floor_all_cpus": round(a * cpus, 1),
+        "model_floor": round(b, 1),
+        "ideal": round(ideal, 1),
+        **reads,
     }
     if not gpu:
         res["model_floor_one_thread"] = round(b1, 1)
@@ -342,12 +394,16 @@ def main() -> int:
         res["reference_style"] = round(reference_style(shards, c, cfg.num_workers, ref_path), 1)
     del data, arrays
     steady, whole, total, startup, first = end_to_end(cfg)
-    res.update({
-        "end_to_end_steady": round(steady, 1), "end_to_end_without_startup": round(whole, 1),
-        "end_to_end_with_startup": round(total, 1), "ray_startup_s": round(startup, 2),
-        "first_features_after_s": round(first, 2),
-        "efficiency": round(steady / ideal, 3),
-    })
+    res.update(
+        {
+            "end_to_end_steady": round(steady, 1),
+            "end_to_end_without_startup": round(whole, 1),
+            "end_to_end_with_startup": round(total, 1),
+            "ray_startup_s": round(startup, 2),
+            "first_features_after_s": round(first, 2),
+            "efficiency": round(steady / ideal, 3),
+        }
+    )
     if "reference_style" in res:
         res["speedup_vs_reference_style"] = round(total / res["reference_style"], 2)
     if args.memory:
@@ -356,7 +412,8 @@ def main() -> int:
         ray.shutdown()  # each measured job starts its own local cluster
         for per_file in (1, len(shards)):
             res[f"peak_uss_mib_{per_file * args.per_shard}_images_per_file"] = job_memory(
-                shard_dir, os.path.join(out_dir, f"mem{per_file}"), per_file, args)
+                shard_dir, os.path.join(out_dir, f"mem{per_file}"), per_file, args
+            )
     return report(res, args.json)
 
 
@@ -379,8 +436,11 @@ def read_floors(shards: list, c: dict, s3: bool) -> dict:
     if not s3:
         return s3_read.read_floors(shards, c)
     if os.path.getsize(shards[0]) < 3 * s3_read.CHUNK:
-        print(f"note: shards of {os.path.getsize(shards[0]) / 1e6:.1f} MB are under three {s3_read.CHUNK >> 20} MiB "
-              "ranges; --per_shard 1000 gives about 36 MB", file=sys.stderr)
+        print(
+            f"note: shards of {os.path.getsize(shards[0]) / 1e6:.1f} MB are under three {s3_read.CHUNK >> 20} MiB "
+            "ranges; --per_shard 1000 gives about 36 MB",
+            file=sys.stderr,
+        )
     port = s3_read.free_port()
     env = s3_read.aws_env(port)
     saved = {k: os.environ.get(k) for k in env}

@@ -26,10 +26,9 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from ilias_ray.storage import CHUNK  # noqa: E402
 from s3 import free_port, make_bucket, s3, start_moto  # noqa: E402, F401 - bench.py starts the server with these
 from s3 import upload as copy_up  # noqa: E402
-
-from ilias_ray.storage import CHUNK  # noqa: E402
 
 BUCKET, PREFIX = "ilias-bench", "yfcc"
 
@@ -38,9 +37,13 @@ BUCKET, PREFIX = "ilias-bench", "yfcc"
 def aws_env(port: int) -> dict:
     """What the S3 clients of this process and of the workers need: the local endpoint and dummy
     keys (set before pyarrow's S3 client is first made)."""
-    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench-key",
-            "AWS_SECRET_ACCESS_KEY": "bench-secret-not-real", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true"}
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench-key",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret-not-real",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -81,9 +84,16 @@ class Workers:
     def __init__(self, n: int, cfg: dict, bases: list, env: dict):
         self.procs = []
         for _ in range(n):
-            self.procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, env={**os.environ, **env}, text=True, bufsize=1))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--worker"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env={**os.environ, **env},
+                    text=True,
+                    bufsize=1,
+                )
+            )
         for p in self.procs:  # imports done, a filesystem per base made: start-up is not timed
             self._send(p, {"cfg": cfg, "bases": bases})
         for p in self.procs:
@@ -128,8 +138,14 @@ class Workers:
                 p.wait()
 
 
-def read_floors(shards: list, cfg: dict, s3_uri: Optional[str] = None, moto_pid: Optional[int] = None,
-                repeats: int = 3, procs: Optional[int] = None) -> dict:
+def read_floors(
+    shards: list,
+    cfg: dict,
+    s3_uri: Optional[str] = None,
+    moto_pid: Optional[int] = None,
+    repeats: int = 3,
+    procs: Optional[int] = None,
+) -> dict:
     """Images/s of read_tar (and of read_tar + decode_batch) over all `shards`, from their local
     directory and, with `s3_uri`, from the bucket: best of `repeats`, local and S3 repeats
     alternating; in one process and in `procs` processes (default: the CPUs) on disjoint subsets."""
@@ -162,8 +178,12 @@ def read_floors(shards: list, cfg: dict, s3_uri: Optional[str] = None, moto_pid:
         workers.close()
 
     sizes = [os.path.getsize(s) for s in shards]
-    res = {"read_shards": len(shards), "read_shard_mb": round(sum(sizes) / len(sizes) / 1e6, 1),
-           "read_shard_ranges": round(sum(sizes) / len(sizes) / CHUNK, 2), "read_processes": procs}
+    res = {
+        "read_shards": len(shards),
+        "read_shard_mb": round(sum(sizes) / len(sizes) / 1e6, 1),
+        "read_shard_ranges": round(sum(sizes) / len(sizes) / CHUNK, 2),
+        "read_processes": procs,
+    }
     for what in ("read", "read_decode"):
         for n, tail in ((procs, ""), (1, "_one_process")):
             for src in sources:

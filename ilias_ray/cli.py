@@ -80,16 +80,18 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ilias-ray", description="ILIAS feature extraction on Ray Data")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    ex = sub.add_parser("extract", help="extract features for one partition",
-                        formatter_class=_HelpFormatter)
+    ex = sub.add_parser("extract", help="extract features for one partition", formatter_class=_HelpFormatter)
     add_extract_flags(ex)
     models = sub.add_parser("models", help="the benchmark's model table, or one model's details")
     models.add_argument("--framework", default=None)
     models.add_argument("--model", default=None)
     verify = sub.add_parser("verify", help="check every HDF5 file in a directory; non-zero exit on any problem")
     verify.add_argument("--hdf5_dir", required=True)
-    verify.add_argument("--strict", action="store_true",
-                        help="warnings (shards that ended early, files with 0 rows, IDs the input repeats) fail too")
+    verify.add_argument(
+        "--strict",
+        action="store_true",
+        help="warnings (shards that ended early, files with 0 rows, IDs the input repeats) fail too",
+    )
     demo = sub.add_parser("demo", help="build a small ILIAS-shaped sample and extract every partition")
     demo.add_argument("--workdir", default="demo_output", help="where the sample and features go")
     demo.add_argument("--address", default=None)
@@ -134,8 +136,10 @@ def main(argv=None) -> int:
             run_demo(args.workdir, address=args.address)
         return 0
     except KeyboardInterrupt:
-        print("ilias-ray: interrupted: finished files and shards are kept; rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            "ilias-ray: interrupted: finished files and shards are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:
         if "ilias_ray.pipeline" in sys.modules:
@@ -148,8 +152,9 @@ def main(argv=None) -> int:
         if os.environ.get("ILIAS_RAY_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"ilias-ray: failed: {type(e).__name__}: {first} (ILIAS_RAY_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"ilias-ray: failed: {type(e).__name__}: {first} (ILIAS_RAY_DEBUG=1 shows the traceback)", file=sys.stderr
+        )
         return 1
 
 

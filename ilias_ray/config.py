@@ -35,8 +35,16 @@ def bool_flag(value: str) -> bool:
     raise ValueError(f"invalid value for a boolean flag: {value!r} (use true/false, on/off, 1/0)")
 
 
-def setting(default=MISSING, help: str = "", *, output: bool = False, run: bool = False, flag: bool = True,
-            choices: Optional[tuple] = None, minimum: Optional[int] = None):
+def setting(
+    default=MISSING,
+    help: str = "",
+    *,
+    output: bool = False,
+    run: bool = False,
+    flag: bool = True,
+    choices: Optional[tuple] = None,
+    minimum: Optional[int] = None,
+):
     """A Config field and everything said about it, in one place.
 
     default: MISSING makes the flag required. help: the `--flag`'s help (a callable is called when
@@ -65,18 +73,22 @@ class Config:
     overwrite: bool = setting(False, "replace existing feature files")
     framework: str = setting("timm", _frameworks_help, output=True)
     model: str = setting("vit_large_patch16_siglip_384.webli", "model name in the framework", output=True)
-    pooling: str = setting("head", "how a model's features become one vector (local: one per token)", output=True,
-                           choices=POOLINGS)
+    pooling: str = setting(
+        "head", "how a model's features become one vector (local: one per token)", output=True, choices=POOLINGS
+    )
     batch_size: int = setting(128, "images per forward pass", run=True, minimum=1)
     webdl_batch_size: int = setting(128, "rows per batch sent to a model actor", minimum=1)
-    transforms: str = setting("RESIZE_LARGE", "how an image is resized to --resolution", output=True,
-                              choices=TRANSFORMS)
+    transforms: str = setting(
+        "RESIZE_LARGE", "how an image is resized to --resolution", output=True, choices=TRANSFORMS
+    )
     resolution: int = setting(512, "image size the transform resizes to", output=True, minimum=1)
     min_size: int = setting(0, "RESIZE_LARGE: zero-pad each side up to this size", output=True, minimum=0)
-    multiscale: bool = setting(False, f"average the features of the image at scales {', '.join(map(str, SCALES))}",
-                               output=True)
-    multirotate: bool = setting(False, f"average the features of the image rotated by {', '.join(map(str, ANGLES))}"
-                                " degrees", output=True)
+    multiscale: bool = setting(
+        False, f"average the features of the image at scales {', '.join(map(str, SCALES))}", output=True
+    )
+    multirotate: bool = setting(
+        False, f"average the features of the image rotated by {', '.join(map(str, ANGLES))} degrees", output=True
+    )
     masking: bool = setting(False, "zero the pixels outside the query's boxes", output=True)
     crop_resize: bool = setting(False, "crop a query to the union of its boxes before resizing", output=True)
     comp_fp16: bool = setting(True, "fp16 autocast on CUDA (a CPU computes in fp32)", output=True)
@@ -86,21 +98,29 @@ class Config:
     tar_batch_size: int = setting(10, "shards per distractor HDF5 file", run=True, minimum=1)
     num_workers: int = setting(8, "concurrent decode tasks", minimum=0)
     selected_ids: Optional[str] = setting(
-        None, "file or URI with one ID per line (mini-ILIAS, uned); a line may have more comma-separated columns: "
+        None,
+        "file or URI with one ID per line (mini-ILIAS, uned); a line may have more comma-separated columns: "
         "only the first one is the ID. For folder partitions an ID is a path below --dataset_dir (no absolute "
-        "paths, no '..'); for distractors a tar key or SHARD.tar/KEY", run=True)
+        "paths, no '..'); for distractors a tar key or SHARD.tar/KEY",
+        run=True,
+    )
     # ilias-ray additions
     skip_missing: bool = setting(
-        False, "files listed in --selected_ids that do not exist are recorded as skipped instead of failing the run")
+        False, "files listed in --selected_ids that do not exist are recorded as skipped instead of failing the run"
+    )
     checkpoint: Optional[str] = setting(None, "local weights file in the format the model's hub ships", run=True)
     pretrained: bool = setting(True, "false: seeded random weights, no download (tests and demos)", output=True)
     trust_remote_code: bool = setting(False, "allow torch.hub to run a model repository's code (never by default)")
     address: Optional[str] = setting(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     model_actors: Optional[int] = setting(
-        None, "max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, or one "
-        "single-threaded actor per CPU (at most one per 3 GiB of memory) without GPUs)", minimum=1)
+        None,
+        "max model actors: the pool grows up to this as nodes join (default: GPUs in the cluster, or one "
+        "single-threaded actor per CPU (at most one per 3 GiB of memory) without GPUs)",
+        minimum=1,
+    )
     use_gpu: Optional[bool] = setting(
-        None, "auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them")
+        None, "auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them"
+    )
     # Filled in by validate(): digests that identify what made an output.
     checkpoint_sha256: Optional[str] = setting(None, "sha256 of --checkpoint", output=True, flag=False)
     selected_ids_sha256: Optional[str] = setting(None, "sha256 of --selected_ids", output=True, flag=False)
@@ -131,8 +151,12 @@ class Config:
             )
         from ilias_ray.storage import Location, check_credentials_free
 
-        for flag, where in (("--dataset_dir", self.dataset_dir), ("--hdf5_dir", self.hdf5_dir),
-                            ("--checkpoint", self.checkpoint), ("--selected_ids", self.selected_ids)):
+        for flag, where in (
+            ("--dataset_dir", self.dataset_dir),
+            ("--hdf5_dir", self.hdf5_dir),
+            ("--checkpoint", self.checkpoint),
+            ("--selected_ids", self.selected_ids),
+        ):
             check_credentials_free(flag, where)
         Location.of(self.dataset_dir).check_dir("--dataset_dir")
         if self.checkpoint is not None:

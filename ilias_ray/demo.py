@@ -40,14 +40,32 @@ def run_demo(workdir: str, address=None) -> list:
     out = str(root / "features")
     common = dict(hdf5_dir=out, address=address, resolution=RESOLUTION, batch_size=32, overwrite=True)
     runs = [
-        Config(dataset_dir=str(sample["core"]), partition="image_queries", model=IMAGE_MODEL,
-               checkpoint=str(ckpt), **common),
-        Config(dataset_dir=str(sample["core"]), partition="positives", model=IMAGE_MODEL,
-               checkpoint=str(ckpt), **common),
-        Config(dataset_dir=str(sample["yfcc"]), partition="distractors", model=IMAGE_MODEL,
-               checkpoint=str(ckpt), tar_batch_size=2, **common),
-        Config(dataset_dir=str(sample["core"]), partition="text_queries", framework="text",
-               model=TEXT_MODEL, pretrained=False, **common),
+        Config(
+            dataset_dir=str(sample["core"]),
+            partition="image_queries",
+            model=IMAGE_MODEL,
+            checkpoint=str(ckpt),
+            **common,
+        ),
+        Config(
+            dataset_dir=str(sample["core"]), partition="positives", model=IMAGE_MODEL, checkpoint=str(ckpt), **common
+        ),
+        Config(
+            dataset_dir=str(sample["yfcc"]),
+            partition="distractors",
+            model=IMAGE_MODEL,
+            checkpoint=str(ckpt),
+            tar_batch_size=2,
+            **common,
+        ),
+        Config(
+            dataset_dir=str(sample["core"]),
+            partition="text_queries",
+            framework="text",
+            model=TEXT_MODEL,
+            pretrained=False,
+            **common,
+        ),
     ]
     summaries = []
     for cfg in runs:

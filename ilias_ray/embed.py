@@ -25,6 +25,8 @@ from ilias_ray.rows import EMBED, ROUTING, Kind
 from ilias_ray.storage import local_copy
 
 CPU_CHUNK_PIXELS = 1 << 19  # two 512x384 images
+
+
 def center_pad(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Zero-pad a (b, c, H, W) tensor to at least (h, w); the extra splits left = pad // 2."""
     ph, pw = max(h - x.shape[-2], 0), max(w - x.shape[-1], 0)
@@ -96,16 +98,31 @@ class Embedder:
     whose features are averaged; the CenterPadding size of the transform (0 = none); the images
     per forward pass; fp16 autocast (on CUDA only) and the stored dtype."""
 
-    def __init__(self, backbone: BackboneSpec, *, pooling: str, scales: tuple, angles: tuple, pad: int,
-                 batch_size: int, comp_fp16: bool, store_fp16: bool, threads: int = 0):
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        *,
+        pooling: str,
+        scales: tuple,
+        angles: tuple,
+        pad: int,
+        batch_size: int,
+        comp_fp16: bool,
+        store_fp16: bool,
+        threads: int = 0,
+    ):
         self.pooling = pooling
         self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A --checkpoint in a bucket is downloaded once per node (and checked against its sha256).
         b = backbone
-        self.bb = build(b.framework, b.model,
-                        checkpoint=local_copy(b.checkpoint, b.checkpoint_sha256) if b.checkpoint else None,
-                        pretrained=b.pretrained, trust_remote_code=b.trust_remote_code)
+        self.bb = build(
+            b.framework,
+            b.model,
+            checkpoint=local_copy(b.checkpoint, b.checkpoint_sha256) if b.checkpoint else None,
+            pretrained=b.pretrained,
+            trust_remote_code=b.trust_remote_code,
+        )
         self.bb.model.to(self.device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -158,8 +175,12 @@ class Embedder:
         faults.hit("forward", n=len(pixels))  # tests: ILIAS_RAY_FAULT=forward:oom>N
         m = self.chunk(pixels.shape[1:3])
         if len(pixels) > m:
-            return torch.cat([self.embed_pixels(pixels[i : i + m], None if mask is None else mask[i : i + m])
-                              for i in range(0, len(pixels), m)])
+            return torch.cat(
+                [
+                    self.embed_pixels(pixels[i : i + m], None if mask is None else mask[i : i + m])
+                    for i in range(0, len(pixels), m)
+                ]
+            )
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = x.mul_(self.scale).add_(self.shift)  # == (x / 255 - mean) / std, one pass
         x = center_pad(x, self.pad, self.pad)

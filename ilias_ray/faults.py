@@ -39,8 +39,10 @@ def parse(spec: str) -> list:
         site, _, action = item.partition(":")
         m = ACTION.match(action)
         if site not in SITES or not m:
-            raise ValueError(f"ILIAS_RAY_FAULT: {item!r} is not SITE:ACTION (sites: {', '.join(SITES)}; "
-                             "actions: raise, exit, enospc, sleep, oom>N)")
+            raise ValueError(
+                f"ILIAS_RAY_FAULT: {item!r} is not SITE:ACTION (sites: {', '.join(SITES)}; "
+                "actions: raise, exit, enospc, sleep, oom>N)"
+            )
         out.append((site, action.split(">")[0], int(m.group(2) or 0)))
     return out
 

@@ -50,8 +50,9 @@ INDEX = Field("index", "ascii", "row IDs, in input order")
 OFFSETS = Field("offsets", "int64", "row i's vectors are features[offsets[i]:offsets[i + 1]]", local=True)
 SKIPPED_INDEX = Field("skipped_index", "ascii", "IDs of inputs that have no row")
 SKIPPED_REASON = Field("skipped_reason", "utf-8", "why, one per skipped_index entry")
-DUPLICATE_INDEX = Field("duplicate_index", "ascii", "IDs the input holds more than once (each occurrence has a row)",
-                        since_0_1=True)
+DUPLICATE_INDEX = Field(
+    "duplicate_index", "ascii", "IDs the input holds more than once (each occurrence has a row)", since_0_1=True
+)
 DATASETS = (FEATURES, INDEX, OFFSETS, SKIPPED_INDEX, SKIPPED_REASON, DUPLICATE_INDEX)
 
 # Attributes: the settings (JSON, and their fingerprint), the run's own flags (JSON), library
@@ -59,8 +60,7 @@ DATASETS = (FEATURES, INDEX, OFFSETS, SKIPPED_INDEX, SKIPPED_REASON, DUPLICATE_I
 A_SETTINGS, A_FINGERPRINT, A_RUN, A_VERSIONS, A_UNITS = "ilias_ray_settings", "fingerprint", "run", "versions", "units"
 A_ROWS, A_SKIPPED, A_DROPPED, A_DUPLICATES = "num_rows", "num_skipped", "duplicates_dropped", "num_input_duplicates"
 A_COMPLETE = "complete"
-ATTRS = (A_SETTINGS, A_FINGERPRINT, A_RUN, A_VERSIONS, A_UNITS, A_ROWS, A_SKIPPED, A_DROPPED, A_DUPLICATES,
-         A_COMPLETE)
+ATTRS = (A_SETTINGS, A_FINGERPRINT, A_RUN, A_VERSIONS, A_UNITS, A_ROWS, A_SKIPPED, A_DROPPED, A_DUPLICATES, A_COMPLETE)
 
 
 def kind_matches(field: Field, dtype) -> bool:
@@ -136,13 +136,17 @@ def assemble(spec: OutputSpec, run: RunInfo, records: dict, duplicates_dropped: 
     with h5py.File(partial, "w") as f:
         if dim:
             chunk = max(1, min(1024, CHUNK_BYTES // (dim * 4)))
-            feats = f.create_dataset(FEATURES.name, (0, dim), maxshape=(None, dim), dtype=run.dtype,
-                                     chunks=(chunk, dim), **opts)
+            feats = f.create_dataset(
+                FEATURES.name, (0, dim), maxshape=(None, dim), dtype=run.dtype, chunks=(chunk, dim), **opts
+            )
         else:  # nothing to store: a valid empty array
             feats = f.create_dataset(FEATURES.name, (0, 0), dtype=run.dtype)
         index = f.create_dataset(INDEX.name, (0,), maxshape=(None,), dtype=ASCII, chunks=(1024,))
-        offsets = f.create_dataset(OFFSETS.name, data=np.zeros(1, np.int64), maxshape=(None,),
-                                   chunks=(1024,)) if run.local else None
+        offsets = (
+            f.create_dataset(OFFSETS.name, data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1024,))
+            if run.local
+            else None
+        )
         total_vectors = 0
         for k, unit in enumerate(spec.units):
             if k == 1:

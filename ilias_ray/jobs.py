@@ -23,8 +23,19 @@ def has_text_tower(framework: str, model: str) -> bool:
     return model in TEXT_MODELS
 
 
-def model_commands(framework, model, core, yfcc, hdf5_dir, pooling=Config.default("pooling"),
-                   resolution=Config.default("resolution"), start_tar=0, total_tars=10, text="auto", extra=()) -> list:
+def model_commands(
+    framework,
+    model,
+    core,
+    yfcc,
+    hdf5_dir,
+    pooling=Config.default("pooling"),
+    resolution=Config.default("resolution"),
+    start_tar=0,
+    total_tars=10,
+    text="auto",
+    extra=(),
+) -> list:
     """The `ilias-ray extract` argument lists of one model's run, in the reference's order."""
     common = ["--hdf5_dir", hdf5_dir, *extra]
     image = ["--framework", framework, "--model", model, "--pooling", pooling, "--resolution", str(resolution)]
@@ -33,11 +44,36 @@ def model_commands(framework, model, core, yfcc, hdf5_dir, pooling=Config.defaul
         ["extract", "--partition", "positives", "--dataset_dir", core, *image, *common],
     ]
     if yfcc:
-        cmds.append(["extract", "--partition", "distractors", "--dataset_dir", yfcc, *image, *common,
-                     "--start_tar", str(start_tar), "--total_tars", str(total_tars)])
+        cmds.append(
+            [
+                "extract",
+                "--partition",
+                "distractors",
+                "--dataset_dir",
+                yfcc,
+                *image,
+                *common,
+                "--start_tar",
+                str(start_tar),
+                "--total_tars",
+                str(total_tars),
+            ]
+        )
     if text == "true" or (text == "auto" and has_text_tower(framework, model)):
-        cmds.append(["extract", "--partition", "text_queries", "--dataset_dir", core, "--framework", "text",
-                     "--model", model, *common])
+        cmds.append(
+            [
+                "extract",
+                "--partition",
+                "text_queries",
+                "--dataset_dir",
+                core,
+                "--framework",
+                "text",
+                "--model",
+                model,
+                *common,
+            ]
+        )
     return cmds
 
 
@@ -69,11 +105,25 @@ def run_sweep(pattern, core, yfcc, hdf5_dir, start_tar=0, total_tars=10, extra=(
     failed = []
     for r in rows:
         out = child(hdf5_dir, slug(r["label"]))
-        cmds = model_commands(r["framework"], r["model"], core, yfcc, out, r["pooling"], int(r["resolution"]),
-                              start_tar, total_tars, r["has_text"], extra)
+        cmds = model_commands(
+            r["framework"],
+            r["model"],
+            core,
+            yfcc,
+            out,
+            r["pooling"],
+            int(r["resolution"]),
+            start_tar,
+            total_tars,
+            r["has_text"],
+            extra,
+        )
         print(f"\n#### {r['label']} ({r['framework']} {r['model']}) -> {out}", flush=True)
         if run_commands(cmds):
             failed.append(r["label"])
-    print(f"\nsweep: {len(rows) - len(failed)} of {len(rows)} model(s) done"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    print(
+        f"\nsweep: {len(rows) - len(failed)} of {len(rows)} model(s) done"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     return 1 if failed else 0

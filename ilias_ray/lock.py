@@ -41,14 +41,19 @@ def lease_seconds() -> float:
 
 
 def me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
 
 
 def busy(name: str, holder: dict, how: str) -> UserError:
     who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
-    return UserError(f"{name} is being written by another run ({who}){how}; wait for it to finish, or stop it "
-                     "(Ctrl-C does not stop a submitted job: `ray job stop`) and rerun: finished shards are kept")
+    return UserError(
+        f"{name} is being written by another run ({who}){how}; wait for it to finish, or stop it "
+        "(Ctrl-C does not stop a submitted job: `ray job stop`) and rerun: finished shards are kept"
+    )
 
 
 class FileLock:
@@ -131,9 +136,11 @@ class Lease:
         """True if nobody renews `seen` for `period` seconds; False as soon as someone does."""
         if seen.get("host") == socket.gethostname() and not _alive(seen.get("pid")):
             return True  # left by a process of this machine that is gone
-        print(f"ilias-ray: {self.name} has a lease of another run (host {seen.get('host')}, pid {seen.get('pid')}, "
-              f"started {seen.get('started')}); waiting up to {period:.0f} s to see whether it is still running",
-              flush=True)
+        print(
+            f"ilias-ray: {self.name} has a lease of another run (host {seen.get('host')}, pid {seen.get('pid')}, "
+            f"started {seen.get('started')}); waiting up to {period:.0f} s to see whether it is still running",
+            flush=True,
+        )
         deadline = time.monotonic() + period
         while time.monotonic() < deadline:
             time.sleep(min(1.0, period / 10))

@@ -36,8 +36,18 @@ META = "meta.json"
 EXTS = ("feat", "rows")  # the part files of a unit, besides its record
 # K.json: rows owed (count), how the input ended, rows and skipped written, vectors and their dim,
 # IDs the input repeats, read retries, and the byte sizes of K.feat and K.rows.
-RECORD_FIELDS = ("count", "end", "rows", "skipped", "vectors", "dim", "duplicates", "retries",
-                 "feat_bytes", "rows_bytes")
+RECORD_FIELDS = (
+    "count",
+    "end",
+    "rows",
+    "skipped",
+    "vectors",
+    "dim",
+    "duplicates",
+    "retries",
+    "feat_bytes",
+    "rows_bytes",
+)
 LISTING_THREADS = 16  # concurrent small reads (part records) from a bucket
 READ_ROWS = 8192  # rows per block when reading a part back: memory does not grow with the unit
 
@@ -137,9 +147,18 @@ class PartWriter:
         sizes = {ext: os.path.getsize(f"{self.base}.{ext}.tmp") for ext in EXTS}
         for ext in EXTS:  # the staged copy stays for the assembly
             (self.store.loc / f"{self.k}.{ext}").publish(f"{self.base}.{ext}.tmp", keep_as=f"{self.base}.{ext}")
-        record = {"count": count, "end": end, "rows": self.rows, "skipped": self.skipped, "vectors": self.vectors,
-                  "dim": self.dim, "duplicates": duplicates, "retries": retries,
-                  "feat_bytes": sizes["feat"], "rows_bytes": sizes["rows"]}
+        record = {
+            "count": count,
+            "end": end,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "vectors": self.vectors,
+            "dim": self.dim,
+            "duplicates": duplicates,
+            "retries": retries,
+            "feat_bytes": sizes["feat"],
+            "rows_bytes": sizes["rows"],
+        }
         (self.store.loc / f"{self.k}.json").write_bytes(json.dumps(record).encode())  # last: the proof
         return record
 
@@ -173,16 +192,20 @@ class PartsStore:
     def read(self, k: int, dim: int, dtype: str, rows: int = READ_ROWS) -> Iterator[Block]:
         """Unit k's rows, in order, in blocks of up to `rows` rows (kept and skipped together)."""
         itemsize = np.dtype(dtype).itemsize
-        with self._open(k, "rows") as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines, \
-                self._open(k, "feat") as blob:
+        with (
+            self._open(k, "rows") as raw,
+            io.TextIOWrapper(raw, encoding="utf-8") as lines,
+            self._open(k, "feat") as blob,
+        ):
             block = []
 
             def cut() -> Block:
                 kept = [r for r in block if r[1] != 0]
                 n = sum(r[1] for r in kept)
                 vecs = np.frombuffer(blob.read(n * dim * itemsize), dtype).reshape(n, dim) if kept else None
-                return Block([r[0] for r in kept], [r[1] for r in kept], vecs, [(r[0], r[2]) for r in block
-                                                                                 if r[1] == 0])
+                return Block(
+                    [r[0] for r in kept], [r[1] for r in kept], vecs, [(r[0], r[2]) for r in block if r[1] == 0]
+                )
 
             for line in lines:
                 block.append(json.loads(line))

@@ -73,8 +73,9 @@ def init_ray(cfg: Config):
         # node takes its own from the standard places. What a submitted job's own runtime env
         # already sets reaches them anyway, and Ray refuses a driver that sets it again.
         given = job_env_vars()
-        ours = {k: v for k, v in os.environ.items()
-                if (k.startswith("ILIAS_RAY_") or k in FORWARDED_ENV) and k not in given}
+        ours = {
+            k: v for k, v in os.environ.items() if (k.startswith("ILIAS_RAY_") or k in FORWARDED_ENV) and k not in given
+        }
         if ours:
             kwargs["runtime_env"] = {"env_vars": ours}
         if address:
@@ -153,17 +154,27 @@ def model_pool(cfg: Config, ray) -> Pool:
 def output_specs(plan: Plan) -> list:
     """What the sink and the assembly need of each output to write: [OutputSpec], in plan order."""
     units = {u.uid: u for u in plan.units}
-    return [OutputSpec(name=o.name, dir=o.dir, settings=o.settings,
-                       units=tuple(UnitSpec(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record)
-                                   for uid in o.units))
-            for o in plan.outputs]
+    return [
+        OutputSpec(
+            name=o.name,
+            dir=o.dir,
+            settings=o.settings,
+            units=tuple(
+                UnitSpec(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record) for uid in o.units
+            ),
+        )
+        for o in plan.outputs
+    ]
 
 
 def run_info(cfg: Config) -> RunInfo:
     """What every output of this run shares: vector dtype, compression, pooling, the run's flags."""
-    return RunInfo(dtype="float16" if cfg.store_fp16 else "float32", compression=cfg.hdf5_compression,
-                   local=cfg.pooling == "local",
-                   run_settings={k: redact(v) if isinstance(v, str) else v for k, v in cfg.run_settings().items()})
+    return RunInfo(
+        dtype="float16" if cfg.store_fp16 else "float32",
+        compression=cfg.hdf5_compression,
+        local=cfg.pooling == "local",
+        run_settings={k: redact(v) if isinstance(v, str) else v for k, v in cfg.run_settings().items()},
+    )
 
 
 class Progress:
@@ -181,10 +192,15 @@ class Progress:
         now = time.time()
         for i, o in enumerate(batch["out"]):
             o = int(o)
-            st = dict(rows=int(batch["rows"][i]), skipped=int(batch["skipped"][i]),
-                      fraction=float(batch["fraction"][i]), finished=bool(batch["finished"][i]),
-                      truncated=int(batch["truncated"][i]), duplicates=int(batch["duplicates"][i]),
-                      retries=int(batch["retries"][i]))
+            st = dict(
+                rows=int(batch["rows"][i]),
+                skipped=int(batch["skipped"][i]),
+                fraction=float(batch["fraction"][i]),
+                finished=bool(batch["finished"][i]),
+                truncated=int(batch["truncated"][i]),
+                duplicates=int(batch["duplicates"][i]),
+                retries=int(batch["retries"][i]),
+            )
             was_finished = self.state.get(o, {}).get("finished", False)
             self.state[o] = st
             if st["finished"] and not was_finished:
@@ -248,14 +264,20 @@ def run(cfg: Config) -> dict:
     for name in summary["written"]:
         say(f"  {Location.of(cfg.hdf5_dir) / name}")
     if summary.get("truncated_shards"):
-        say(f"  {summary['truncated_shards']} shard(s) ended early (truncated, or not a tar): the rows before "
-            "the break are kept; each file's 'units' attribute says which")
+        say(
+            f"  {summary['truncated_shards']} shard(s) ended early (truncated, or not a tar): the rows before "
+            "the break are kept; each file's 'units' attribute says which"
+        )
     if summary.get("read_retries"):
-        say(f"  {summary['read_retries']} read(s) of shards failed part-way and were retried (dropped connections, "
-            "throttling); every row is still written once")
+        say(
+            f"  {summary['read_retries']} read(s) of shards failed part-way and were retried (dropped connections, "
+            "throttling); every row is still written once"
+        )
     if summary.get("input_duplicates"):
-        say(f"  {summary['input_duplicates']} ID(s) occur more than once in the input: every occurrence has its "
-            "row; they are listed in the file's 'duplicate_index'")
+        say(
+            f"  {summary['input_duplicates']} ID(s) occur more than once in the input: every occurrence has its "
+            "row; they are listed in the file's 'duplicate_index'"
+        )
     return summary
 
 
@@ -263,20 +285,37 @@ def decoder(cfg: Config):
     """The decode stage's settings (preprocess.Decoder), unpacked from the run's."""
     from ilias_ray.preprocess import Decoder
 
-    return Decoder(transforms=cfg.transforms, resolution=cfg.resolution, min_size=cfg.min_size,
-                   crop_resize=cfg.crop_resize, masking=cfg.masking)
+    return Decoder(
+        transforms=cfg.transforms,
+        resolution=cfg.resolution,
+        min_size=cfg.min_size,
+        crop_resize=cfg.crop_resize,
+        masking=cfg.masking,
+    )
 
 
 def embedder_args(cfg: Config) -> dict:
     """The model stage's constructor arguments (embed.Embedder), unpacked from the run's settings."""
     from ilias_ray.embed import BackboneSpec
 
-    backbone = BackboneSpec(framework=cfg.framework, model=cfg.model, checkpoint=cfg.checkpoint,
-                            checkpoint_sha256=cfg.checkpoint_sha256, pretrained=cfg.pretrained,
-                            trust_remote_code=cfg.trust_remote_code)
-    return dict(backbone=backbone, pooling=cfg.pooling, scales=SCALES if cfg.multiscale else (1.0,),
-                angles=ANGLES if cfg.multirotate else (0,), pad=decoder(cfg).pad, batch_size=cfg.batch_size,
-                comp_fp16=cfg.comp_fp16, store_fp16=cfg.store_fp16)
+    backbone = BackboneSpec(
+        framework=cfg.framework,
+        model=cfg.model,
+        checkpoint=cfg.checkpoint,
+        checkpoint_sha256=cfg.checkpoint_sha256,
+        pretrained=cfg.pretrained,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return dict(
+        backbone=backbone,
+        pooling=cfg.pooling,
+        scales=SCALES if cfg.multiscale else (1.0,),
+        angles=ANGLES if cfg.multirotate else (0,),
+        pad=decoder(cfg).pad,
+        batch_size=cfg.batch_size,
+        comp_fp16=cfg.comp_fp16,
+        store_fp16=cfg.store_fp16,
+    )
 
 
 def build_dataset(cfg: Config, plan: Plan, ray):
@@ -296,14 +335,27 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     # A few hundred folder images are one read task: no point starting more actors than that.
     pool.min_actors = max(1, min(pool.min_actors, source.num_tasks()))
     decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))
-    ds = ray.data.read_datasource(source, num_cpus=pool.decode_cpus, compute=decoders,
-                                  override_num_blocks=source.num_tasks())
-    ds = ds.map_batches(decode_batch, fn_kwargs={"dec": decoder(cfg)}, batch_size=None, batch_format="numpy",
-                        compute=decoders, num_cpus=pool.decode_cpus)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs=dict(embedder_args(cfg), threads=pool.threads),
-                        batch_size=cfg.webdl_batch_size, batch_format="numpy",
-                        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-                        max_restarts=MODEL_ACTOR_RESTARTS, max_task_retries=MODEL_BATCH_RETRIES, **pool.actor_res)
+    ds = ray.data.read_datasource(
+        source, num_cpus=pool.decode_cpus, compute=decoders, override_num_blocks=source.num_tasks()
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"dec": decoder(cfg)},
+        batch_size=None,
+        batch_format="numpy",
+        compute=decoders,
+        num_cpus=pool.decode_cpus,
+    )
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs=dict(embedder_args(cfg), threads=pool.threads),
+        batch_size=cfg.webdl_batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        max_restarts=MODEL_ACTOR_RESTARTS,
+        max_task_retries=MODEL_BATCH_RETRIES,
+        **pool.actor_res,
+    )
     return ds, pool
 
 
@@ -323,8 +375,10 @@ def actor_death(e: BaseException):
     kept = "finished shards are kept: rerun the same command to resume"
     batch = batch_in_flight(dead.actor_id) if getattr(dead, "actor_id", None) else None
     if batch:
-        return UserError(f"a model batch ({batch}) killed its actor {1 + MODEL_BATCH_RETRIES} times, so the run "
-                         f"stopped; an image the model cannot take, or an out-of-memory kill, does this; {kept}")
+        return UserError(
+            f"a model batch ({batch}) killed its actor {1 + MODEL_BATCH_RETRIES} times, so the run "
+            f"stopped; an image the model cannot take, or an out-of-memory kill, does this; {kept}"
+        )
     what = "the sink (it is not restarted: it held rows no other sink has)" if "Sink" in str(dead) else "an actor"
     return UserError(f"{what} died: {str(dead).strip().splitlines()[0][:200]}; {kept}")
 
@@ -348,14 +402,22 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
         from ray.data import ActorPoolStrategy
 
         ds, pool = build_dataset(cfg, plan, ray)
-        say(f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
-            f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})")
+        say(
+            f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
+            f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})"
+        )
         # The sink lives on the driver's node, which owns --hdf5_dir.
         here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
-        ds = ds.map_batches(Sink, fn_constructor_kwargs={"outputs": specs, "run": run},
-                            batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=1),
-                            max_restarts=0,
-                            num_cpus=0, resources=here)
+        ds = ds.map_batches(
+            Sink,
+            fn_constructor_kwargs={"outputs": specs, "run": run},
+            batch_size=None,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+            max_restarts=0,
+            num_cpus=0,
+            resources=here,
+        )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 progress.update(batch)  # the driver sees progress rows only
@@ -368,7 +430,12 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
     missing = [o.name for o in plan.outputs if o.name not in tot["finished"]]
     if missing:
         raise RuntimeError(f"the job ended but these outputs are incomplete: {', '.join(missing)}")
-    return {"written": tot["finished"], "rows": tot["rows"], "skipped": tot["skipped"],
-            "truncated_shards": tot["truncated_shards"], "input_duplicates": tot["input_duplicates"],
-            "read_retries": tot["read_retries"],
-            "timeline": progress.timeline}
+    return {
+        "written": tot["finished"],
+        "rows": tot["rows"],
+        "skipped": tot["skipped"],
+        "truncated_shards": tot["truncated_shards"],
+        "input_duplicates": tot["input_duplicates"],
+        "read_retries": tot["read_retries"],
+        "timeline": progress.timeline,
+    }

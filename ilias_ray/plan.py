@@ -92,16 +92,21 @@ def check_below(ids: list, where: str) -> None:
     bad = [i for i in ids if i.startswith(("/", "\\")) or ".." in i.replace("\\", "/").split("/")]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"--selected_ids {Location.of(where)}: {bad[0]!r}{more} is not a path below --dataset_dir "
-                        "(no absolute paths, no '..')")
+        raise UserError(
+            f"--selected_ids {Location.of(where)}: {bad[0]!r}{more} is not a path below --dataset_dir "
+            "(no absolute paths, no '..')"
+        )
 
 
 def list_files(root: Location, recursive: bool = True) -> dict:
     """{path below root: size} of every file under root; None for an entry that is there but
     cannot be read (a broken link): using it is an error, never a smaller dataset."""
     kinds = (pafs.FileType.File, pafs.FileType.Unknown)
-    return {rel: info.size if info.type == pafs.FileType.File else None
-            for rel, info in root.list(recursive=recursive) if info.type in kinds}
+    return {
+        rel: info.size if info.type == pafs.FileType.File else None
+        for rel, info in root.list(recursive=recursive)
+        if info.type in kinds
+    }
 
 
 def check_readable(root: Location, names: list, files: dict) -> None:
@@ -249,8 +254,10 @@ def make_plan(cfg: Config) -> Plan:
             done.append(name)
             other = versions_note(versions)
             if other:
-                notes.append(f"[{name}] {other}: its numbers may differ slightly from this run's; "
-                             "pass --overwrite true to recompute it")
+                notes.append(
+                    f"[{name}] {other}: its numbers may differ slightly from this run's; "
+                    "pass --overwrite true to recompute it"
+                )
             continue
         if status not in ("missing", "same") and not cfg.overwrite:
             raise UserError(f"{out_dir / name} exists but {status}; pass --overwrite true to replace it")
@@ -304,8 +311,10 @@ def check_output_dir(cfg: Config) -> None:
     free = shutil.disk_usage(staging).free
     if free < MIN_FREE_BYTES:
         where = f"--hdf5_dir {cfg.hdf5_dir!r}" if out_dir.local else f"the staging directory {staging!r}"
-        raise UserError(f"{where} has only {free >> 20} MiB free (need at least "
-                        f"{MIN_FREE_BYTES >> 20} MiB to start); make room and rerun")
+        raise UserError(
+            f"{where} has only {free >> 20} MiB free (need at least "
+            f"{MIN_FREE_BYTES >> 20} MiB to start); make room and rerun"
+        )
 
 
 def drop_stale(cfg: Config, plan: Plan) -> None:
@@ -321,4 +330,3 @@ def drop_stale(cfg: Config, plan: Plan) -> None:
         PartsStore(out_dir, out.name).drop_staged()
         if not any(units[uid].record is not None for uid in out.units):
             out.parts.delete_dir()  # other settings, --overwrite, or nothing finished
-

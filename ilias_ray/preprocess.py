@@ -83,7 +83,8 @@ def check_source(w: int, h: int) -> None:
     if w * h > MAX_SOURCE_PIXELS:
         raise Image.DecompressionBombError(
             f"Image size ({w * h} pixels) exceeds limit of {MAX_SOURCE_PIXELS} pixels, "
-            "could be decompression bomb DOS attack.")
+            "could be decompression bomb DOS attack."
+        )
 
 
 def check_resize(w: int, h: int, transforms: str, resolution: int) -> None:
@@ -94,8 +95,9 @@ def check_resize(w: int, h: int, transforms: str, resolution: int) -> None:
     if limit > MAX_SOURCE_PIXELS:
         limit, what = MAX_SOURCE_PIXELS, f"{MAX_SOURCE_PIXELS} (Pillow's limit)"
     if ow * oh > limit:
-        raise ImageTooLarge(f"{transforms} at resolution {resolution} makes {w}x{h} into {ow}x{oh} "
-                            f"({ow * oh} pixels), over {what}")
+        raise ImageTooLarge(
+            f"{transforms} at resolution {resolution} makes {w}x{h} into {ow}x{oh} ({ow * oh} pixels), over {what}"
+        )
 
 
 def pad_target(transforms: str, resolution: int, min_size: int) -> int:
@@ -197,8 +199,9 @@ def prepare(data: bytes, exif: bool, boxes: list, dec: Decoder):
     if boxes and dec.crop_resize:
         x0, y0, x1, y1 = box_union(boxes)
         if (x1 - x0) * (y1 - y0) > MAX_SOURCE_PIXELS:  # boxes past the image's edges crop larger
-            raise ImageTooLarge(f"the boxes' union {x1 - x0}x{y1 - y0} is over {MAX_SOURCE_PIXELS} pixels "
-                                "(Pillow's limit)")
+            raise ImageTooLarge(
+                f"the boxes' union {x1 - x0}x{y1 - y0} is over {MAX_SOURCE_PIXELS} pixels (Pillow's limit)"
+            )
         img = img.crop((x0, y0, x1, y1))
         origin = (x0, y0)
     check_resize(img.width, img.height, dec.transforms, dec.resolution)

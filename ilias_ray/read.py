@@ -132,8 +132,13 @@ def _scan_tar(unit: Unit, selected: Optional[frozenset], rows: _Rows, retried: i
             duplicates.append(escape_id(raw))
         seen.add(key)
         if isinstance(members.get("jpg"), int):  # its size: too large to read
-            rows.add(pos, escape_id(raw), Kind.SKIP, off=off,
-                     note=f"image member too large: {members['jpg']} bytes, over {MAX_MEMBER_BYTES}")
+            rows.add(
+                pos,
+                escape_id(raw),
+                Kind.SKIP,
+                off=off,
+                note=f"image member too large: {members['jpg']} bytes, over {MAX_MEMBER_BYTES}",
+            )
         elif "jpg" in members:
             rows.add(pos, escape_id(raw), Kind.TAR_IMAGE, data=members["jpg"], off=off)
         else:

@@ -31,18 +31,20 @@ class Kind(IntEnum):
 ROUTING = ("seq", "out", "unit", "pos", "id", "kind", "note", "off")
 
 # What a read task emits (Arrow), in this order.
-READ_SCHEMA = pa.schema([
-    ("seq", pa.int64()),
-    ("out", pa.int32()),
-    ("unit", pa.int32()),
-    ("pos", pa.int64()),
-    ("id", pa.string()),
-    ("kind", pa.int8()),
-    ("data", pa.binary()),
-    ("note", pa.string()),
-    ("off", pa.int64()),
-    ("boxes", pa.string()),
-])
+READ_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("out", pa.int32()),
+        ("unit", pa.int32()),
+        ("pos", pa.int64()),
+        ("id", pa.string()),
+        ("kind", pa.int8()),
+        ("data", pa.binary()),
+        ("note", pa.string()),
+        ("off", pa.int64()),
+        ("boxes", pa.string()),
+    ]
+)
 
 
 class StageInputError(ValueError):
@@ -63,8 +65,10 @@ class Stage:
         """Raise StageInputError, naming this stage, if `batch` lacks a column it needs."""
         missing = [c for c in self.needs if c not in batch]
         if missing:
-            raise StageInputError(f"stage {self.name!r} got a batch without column(s) {', '.join(missing)} "
-                                  f"(it has: {', '.join(sorted(batch)) or 'none'})")
+            raise StageInputError(
+                f"stage {self.name!r} got a batch without column(s) {', '.join(missing)} "
+                f"(it has: {', '.join(sorted(batch)) or 'none'})"
+            )
 
     def output(self, given: tuple) -> tuple:
         """The columns this stage emits when its input has `given`."""
@@ -73,9 +77,16 @@ class Stage:
 
 READ = Stage("read", needs=(), adds=tuple(READ_SCHEMA.names))
 DECODE = Stage("decode", needs=ROUTING + ("data", "boxes"), adds=("img", "h", "w", "mask"), drops=("boxes",))
-EMBED = Stage("embed", needs=ROUTING + ("data", "img", "h", "w", "mask"), adds=("feat", "nvec"),
-              drops=("data", "img", "h", "w", "mask"))
-SINK = Stage("sink", needs=ROUTING + ("feat", "nvec"),
-             adds=("rows", "skipped", "fraction", "finished", "truncated", "duplicates", "retries"),
-             drops=tuple(c for c in ROUTING if c != "out") + ("feat", "nvec"))
+EMBED = Stage(
+    "embed",
+    needs=ROUTING + ("data", "img", "h", "w", "mask"),
+    adds=("feat", "nvec"),
+    drops=("data", "img", "h", "w", "mask"),
+)
+SINK = Stage(
+    "sink",
+    needs=ROUTING + ("feat", "nvec"),
+    adds=("rows", "skipped", "fraction", "finished", "truncated", "duplicates", "retries"),
+    drops=tuple(c for c in ROUTING if c != "out") + ("feat", "nvec"),
+)
 STAGES = (READ, DECODE, EMBED, SINK)  # in data-flow order

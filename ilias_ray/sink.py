@@ -23,8 +23,16 @@ from ilias_ray.hdf5_out import OutputSpec, RunInfo, assemble
 from ilias_ray.parts import PartWriter
 from ilias_ray.rows import SINK, Kind
 
-PROGRESS_COLUMNS = {"out": np.int32, "rows": np.int64, "skipped": np.int64, "fraction": np.float64,
-                    "finished": bool, "truncated": np.int64, "duplicates": np.int64, "retries": np.int64}
+PROGRESS_COLUMNS = {
+    "out": np.int32,
+    "rows": np.int64,
+    "skipped": np.int64,
+    "fraction": np.float64,
+    "finished": bool,
+    "truncated": np.int64,
+    "duplicates": np.int64,
+    "retries": np.int64,
+}
 
 
 class UnitRows:
@@ -64,11 +72,16 @@ class UnitRows:
 def progress_row(out: int, records, live=(), fraction: float = 1.0, finished: bool = True) -> dict:
     """One progress row for the driver: `records` of finished units, `live` part writers of the others."""
     records, live = list(records), list(live)
-    return {"out": out, "rows": sum(r["rows"] for r in records) + sum(p.rows for p in live),
-            "skipped": sum(r["skipped"] for r in records) + sum(p.skipped for p in live),
-            "fraction": fraction, "finished": finished, "truncated": sum(1 for r in records if r["end"] != "eof"),
-            "duplicates": sum(len(r.get("duplicates", [])) for r in records),
-            "retries": sum(r.get("retries", 0) for r in records)}
+    return {
+        "out": out,
+        "rows": sum(r["rows"] for r in records) + sum(p.rows for p in live),
+        "skipped": sum(r["skipped"] for r in records) + sum(p.skipped for p in live),
+        "fraction": fraction,
+        "finished": finished,
+        "truncated": sum(1 for r in records if r["end"] != "eof"),
+        "duplicates": sum(len(r.get("duplicates", [])) for r in records),
+        "retries": sum(r.get("retries", 0) for r in records),
+    }
 
 
 def progress_batch(rows: list) -> dict:
@@ -108,8 +121,9 @@ class OutputRows:
             return 1.0
         total = sum(u.size for u in self.units)
         if total:  # tar shards: bytes consumed, an order-independent estimate
-            done = sum(u.size if k in self.records else min(self.offsets[u.uid], u.size)
-                       for k, u in enumerate(self.units))
+            done = sum(
+                u.size if k in self.records else min(self.offsets[u.uid], u.size) for k, u in enumerate(self.units)
+            )
             return done / total
         expected = sum(u.count or 0 for u in self.units)
         row = progress_row(0, self.records.values(), self._live())
@@ -159,8 +173,10 @@ class Sink:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
                 out = self.writers[0].dir
                 where = f"--hdf5_dir {out}" if out.local else f"the staging directory {out.staging()} (for {out})"
-                raise UserError(f"{where}: {e.strerror}; no file was finished by this write. "
-                                "Make room and rerun the same command: finished shards are kept") from None
+                raise UserError(
+                    f"{where}: {e.strerror}; no file was finished by this write. "
+                    "Make room and rerun the same command: finished shards are kept"
+                ) from None
             raise
 
     def _call(self, batch: dict) -> dict:
@@ -173,8 +189,16 @@ class Sink:
             if batch["kind"][i] == Kind.MARKER:
                 w.end_unit(int(batch["unit"][i]), batch["pos"][i], str(batch["note"][i]))
             else:
-                w.add(int(batch["unit"][i]), int(batch["pos"][i]), str(batch["id"][i]), int(batch["kind"][i]),
-                      batch["feat"][i], int(batch["nvec"][i]), str(batch["note"][i]), batch["off"][i])
+                w.add(
+                    int(batch["unit"][i]),
+                    int(batch["pos"][i]),
+                    str(batch["id"][i]),
+                    int(batch["kind"][i]),
+                    batch["feat"][i],
+                    int(batch["nvec"][i]),
+                    str(batch["note"][i]),
+                    batch["off"][i],
+                )
         for o in touched:
             self.writers[o].drain()
         return progress_batch([self.writers[o].progress(o) for o in sorted(touched)])

@@ -49,9 +49,19 @@ BACKOFF_S = 0.5  # first retry delay; doubles each time, with jitter
 BACKOFF_MAX_S = 8.0
 SECRET_PARAMS = re.compile(r"(key|secret|token|password|passwd|credential|signature)", re.I)
 # Errors that no retry can fix (pyarrow passes the AWS/GCS error names through in the text).
-PERMANENT = ("NO_SUCH_BUCKET", "NoSuchBucket", "ACCESS_DENIED", "AccessDenied", "HTTP status 403",
-             "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH", "NO_SUCH_KEY",
-             "PERMISSION_DENIED", "Path does not exist")
+PERMANENT = (
+    "NO_SUCH_BUCKET",
+    "NoSuchBucket",
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "HTTP status 403",
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "NO_SUCH_KEY",
+    "PERMISSION_DENIED",
+    "Path does not exist",
+)
 
 
 def is_uri(where: str) -> bool:
@@ -61,8 +71,12 @@ def is_uri(where: str) -> bool:
 def redact(text: str) -> str:
     """`text` with the `user:password@` part and secret-looking query values of URIs removed."""
     text = re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@", r"\1", text)
-    return re.sub(r"([?&][^=&\s]*(?:key|secret|token|password|passwd|credential|signature)[^=&\s]*=)[^&\s]*",
-                  r"\1***", text, flags=re.I)
+    return re.sub(
+        r"([?&][^=&\s]*(?:key|secret|token|password|passwd|credential|signature)[^=&\s]*=)[^&\s]*",
+        r"\1***",
+        text,
+        flags=re.I,
+    )
 
 
 def check_credentials_free(flag: str, where: Optional[str]) -> None:
@@ -72,8 +86,10 @@ def check_credentials_free(flag: str, where: Optional[str]) -> None:
     parts = urlsplit(where)
     secret_query = [k for k, _ in parse_qsl(parts.query) if SECRET_PARAMS.search(k)]
     if "@" in parts.netloc or secret_query:
-        raise UserError(f"{flag} {redact(where)}: credentials in a URI are not accepted; use the standard "
-                        "AWS/GCP environment, config files or instance roles")
+        raise UserError(
+            f"{flag} {redact(where)}: credentials in a URI are not accepted; use the standard "
+            "AWS/GCP environment, config files or instance roles"
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +191,7 @@ class Location:
         sel = pafs.FileSelector(self.path, recursive=recursive, allow_not_found=False)
         infos = retry(lambda: self.fs.get_file_info(sel), self)
         prefix = self.path.rstrip("/") + "/"
-        return [(i.path[len(prefix):] if i.path.startswith(prefix) else i.base_name, i) for i in infos]
+        return [(i.path[len(prefix) :] if i.path.startswith(prefix) else i.base_name, i) for i in infos]
 
     def _list_local(self, recursive: bool) -> list:
         out = []
@@ -186,8 +202,12 @@ class Location:
         for dirpath, dirs, files in os.walk(self.path, onerror=walk_error):
             rel_dir = os.path.relpath(dirpath, self.path)
             for name in sorted(dirs):
-                out.append((join(rel_dir, name) if rel_dir != "." else name,
-                            pafs.FileInfo(os.path.join(dirpath, name), pafs.FileType.Directory)))
+                out.append(
+                    (
+                        join(rel_dir, name) if rel_dir != "." else name,
+                        pafs.FileInfo(os.path.join(dirpath, name), pafs.FileType.Directory),
+                    )
+                )
             for name in sorted(files):
                 full = os.path.join(dirpath, name)
                 try:
@@ -283,8 +303,9 @@ class Location:
         def upload():
             # pyarrow's C++ copy: no Python code runs while the multipart upload is open, so an
             # exception cannot close (and so complete) a half-written object under this name.
-            pafs.copy_files(local_path, self.path, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
+            pafs.copy_files(
+                local_path, self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
+            )
             got = self.fs.get_file_info(self.path).size
             if got != size:
                 raise OSError(f"uploaded {got} of {size} bytes")
@@ -358,8 +379,9 @@ def reason(e: BaseException) -> str:
         return "not found"
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         return "the bucket does not exist"
-    if isinstance(e, PermissionError) or any(p in text for p in ("ACCESS_DENIED", "AccessDenied", "HTTP status 403",
-                                                                  "PERMISSION_DENIED")):
+    if isinstance(e, PermissionError) or any(
+        p in text for p in ("ACCESS_DENIED", "AccessDenied", "HTTP status 403", "PERMISSION_DENIED")
+    ):
         return "access denied"
     if "INVALID_ACCESS_KEY_ID" in text or "SIGNATURE_DOES_NOT_MATCH" in text:
         return "the credentials were refused"
@@ -518,8 +540,12 @@ def local_copy(where: str, sha256: Optional[str]) -> str:
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        retry(lambda: pafs.copy_files(loc.path, tmp, source_filesystem=loc.fs,
-                                      destination_filesystem=pafs.LocalFileSystem()), loc)
+        retry(
+            lambda: pafs.copy_files(
+                loc.path, tmp, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem()
+            ),
+            loc,
+        )
         got = Location.of(tmp).sha256()
         if sha256 and got != sha256:
             raise UserError(f"{loc} changed since the run started (its sha256 is now {got[:12]}...)")

@@ -55,8 +55,10 @@ def check_features(f, rep: Report, local: bool) -> None:
             return  # check_schema reported it
         off = f[OFFSETS.name][()]
         if len(off) != rep.rows + 1 or off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != n:
-            rep.problems.append(f"'{OFFSETS.name}' ({len(off)} entries, last {off[-1] if len(off) else '-'}) do not "
-                                f"match {rep.rows} rows and {n} vectors")
+            rep.problems.append(
+                f"'{OFFSETS.name}' ({len(off)} entries, last {off[-1] if len(off) else '-'}) do not "
+                f"match {rep.rows} rows and {n} vectors"
+            )
     elif n != rep.rows:
         rep.problems.append(f"'{FEATURES.name}' has {n} rows but '{INDEX.name}' has {rep.rows}")
     if n == 0 or feats.ndim != 2 or feats.shape[1] == 0:
@@ -94,8 +96,9 @@ def check_schema(f, rep: Report, local: bool) -> None:
     if [d for d in missing if not d.since_0_1]:
         rep.problems.append(f"missing dataset(s): {', '.join(d.name for d in missing if not d.since_0_1)}")
     if [d for d in missing if d.since_0_1]:
-        rep.warnings.append(f"missing dataset(s): {', '.join(d.name for d in missing if d.since_0_1)} "
-                            "(made by an older ilias-ray?)")
+        rep.warnings.append(
+            f"missing dataset(s): {', '.join(d.name for d in missing if d.since_0_1)} (made by an older ilias-ray?)"
+        )
     for d in wanted:
         if d.name in f and not schema.kind_matches(d, f[d.name].dtype):
             rep.problems.append(f"'{d.name}' has dtype {f[d.name].dtype}, not the declared {d.kind}")
@@ -140,13 +143,13 @@ def check_open_file(f, rep: Report) -> None:
         some = sorted(repeated - expected)
         rep.problems.append(f"{len(some)} repeated ID(s), e.g. {', '.join(some[:3])}")
     if repeated & expected:
-        rep.warnings.append(f"{len(repeated & expected)} ID(s) repeated as in the input itself "
-                            f"(see '{dup}')")
+        rep.warnings.append(f"{len(repeated & expected)} ID(s) repeated as in the input itself (see '{dup}')")
     check_features(f, rep, local=local)
     for unit in json.loads(f.attrs.get(schema.A_UNITS, "[]")):
         if unit.get("end", "eof") != "eof":
-            rep.warnings.append(f"unit {unit.get('name')} ended early ({unit['end']}): "
-                                "its rows before the break are kept")
+            rep.warnings.append(
+                f"unit {unit.get('name')} ended early ({unit['end']}): its rows before the break are kept"
+            )
     if rep.rows == 0:
         rep.warnings.append("0 rows")
 
@@ -180,8 +183,9 @@ def count_tars(dataset_dir):
     if not dataset_dir:
         return None
     try:
-        return sum(1 for n, info in Location.of(dataset_dir).list()
-                   if n.endswith(".tar") and info.type == pafs.FileType.File)
+        return sum(
+            1 for n, info in Location.of(dataset_dir).list() if n.endswith(".tar") and info.type == pafs.FileType.File
+        )
     except UserError:
         return None
 
@@ -200,8 +204,17 @@ def verify(hdf5_dir: str, out=print, strict: bool = False) -> int:
     general += chunk_gaps(reports, count_tars)
 
     header = ("file", "rows", "skipped", "dim", "dtype", "status")
-    table = [(r.name, str(r.rows), str(r.skipped), str(r.dim), r.dtype,
-              "ok" if not r.problems else f"{len(r.problems)} problem(s)") for r in reports]
+    table = [
+        (
+            r.name,
+            str(r.rows),
+            str(r.skipped),
+            str(r.dim),
+            r.dtype,
+            "ok" if not r.problems else f"{len(r.problems)} problem(s)",
+        )
+        for r in reports
+    ]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     out("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     for row in table:
@@ -215,6 +228,8 @@ def verify(hdf5_dir: str, out=print, strict: bool = False) -> int:
         out(f"problem: {p}")
     n_problems = sum(len(r.problems) for r in reports) + len(general)
     n_warnings = sum(len(r.warnings) for r in reports)
-    out(f"verify: {len(reports)} file(s), {n_problems} problem(s), {n_warnings} warning(s)"
-        + (" (--strict: warnings fail)" if strict and n_warnings and not n_problems else ""))
+    out(
+        f"verify: {len(reports)} file(s), {n_problems} problem(s), {n_warnings} warning(s)"
+        + (" (--strict: warnings fail)" if strict and n_warnings and not n_problems else "")
+    )
     return 1 if n_problems or (strict and n_warnings) else 0

@@ -28,11 +28,26 @@ def main() -> int:
     p.add_argument("--hdf5_dir", required=True)
     p.add_argument("--start_tar", type=int, default=0)
     p.add_argument("--total_tars", type=int, default=10)
-    p.add_argument("--text", choices=("auto", "true", "false"), default="auto",
-                   help="text queries: auto = when the model has a text tower")
+    p.add_argument(
+        "--text",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="text queries: auto = when the model has a text tower",
+    )
     args, extra = p.parse_known_args()
-    cmds = model_commands(args.framework, args.model, args.core, args.yfcc, args.hdf5_dir, args.pooling,
-                          args.resolution, args.start_tar, args.total_tars, args.text, extra)
+    cmds = model_commands(
+        args.framework,
+        args.model,
+        args.core,
+        args.yfcc,
+        args.hdf5_dir,
+        args.pooling,
+        args.resolution,
+        args.start_tar,
+        args.total_tars,
+        args.text,
+        extra,
+    )
     return run_commands(cmds)
 
 

@@ -20,9 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 from s3 import free_port, start_moto  # noqa: E402
 
 MOTO_PORT = free_port()
-os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{MOTO_PORT}", AWS_ACCESS_KEY_ID="moto-test-key",
-                  AWS_SECRET_ACCESS_KEY="moto-test-secret-not-real", AWS_DEFAULT_REGION="us-east-1",
-                  AWS_EC2_METADATA_DISABLED="true")
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{MOTO_PORT}",
+    AWS_ACCESS_KEY_ID="moto-test-key",
+    AWS_SECRET_ACCESS_KEY="moto-test-secret-not-real",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 # Checkpoints read from a bucket are cached here, not in the user's ~/.cache.
 os.environ.setdefault("ILIAS_RAY_CACHE_DIR", tempfile.mkdtemp(prefix="ilias-ray-test-cache-"))
 
@@ -37,8 +41,7 @@ def ray_cluster():
         # address="local": always a fresh cluster, never one a `ray start` left behind. Workers' and
         # Ray's own log lines are not sent to this process: they arrive late, in whichever test
         # runs then, and would break its one-line-error checks (runs in subprocesses still see them).
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -70,8 +73,17 @@ def s3_server():
 
 
 # A run slow enough to be stopped part-way (TTA at 160 px, small batches, one decode task).
-KILL_OPTS = dict(partition="distractors", model=VIT, pretrained=False, resolution=160, multiscale=True,
-                 multirotate=True, batch_size=4, webdl_batch_size=4, num_workers=1)
+KILL_OPTS = dict(
+    partition="distractors",
+    model=VIT,
+    pretrained=False,
+    resolution=160,
+    multiscale=True,
+    multirotate=True,
+    batch_size=4,
+    webdl_batch_size=4,
+    num_workers=1,
+)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import stages
 
+import stages
 from ilias_ray.config import Config
 
 VIT = "vit_tiny_patch16_224"

@@ -27,8 +27,11 @@ def free_port() -> int:
 
 
 def start_moto(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -42,8 +45,9 @@ def start_moto(port: int) -> subprocess.Popen:
 
 def s3() -> pafs.S3FileSystem:
     """The tests' own client (AWS_ENDPOINT_URL points at the server), allowed to make buckets."""
-    return pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True,
-                             allow_bucket_deletion=True)
+    return pafs.S3FileSystem(
+        endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True, allow_bucket_deletion=True
+    )
 
 
 def make_bucket(name: str) -> None:
@@ -59,16 +63,19 @@ def upload(local: Path, dest: str) -> str:
 def listing(prefix: str) -> list:
     """Every object under 'bucket/prefix', relative to it."""
     sel = pafs.FileSelector(prefix, recursive=True, allow_not_found=True)
-    return sorted(i.path[len(prefix) + 1:] for i in s3().get_file_info(sel) if i.type == pafs.FileType.File)
+    return sorted(i.path[len(prefix) + 1 :] for i in s3().get_file_info(sel) if i.type == pafs.FileType.File)
 
 
 def deny_reads(bucket: str) -> None:
     """A bucket policy that denies reading objects (listing still works): moto answers 403, as S3 does."""
     import boto3
 
-    policy = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Deny", "Principal": "*", "Action": ["s3:GetObject"],
-        "Resource": f"arn:aws:s3:::{bucket}/*"}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": ["s3:GetObject"], "Resource": f"arn:aws:s3:::{bucket}/*"}
+        ],
+    }
     boto3.client("s3").put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
@@ -139,4 +146,3 @@ class CuttingProxy:
 def endpoint_query(port: int) -> str:
     """The URI query that sends one location's requests to 127.0.0.1:port instead."""
     return f"?endpoint_override=127.0.0.1:{port}&scheme=http"
-

@@ -12,8 +12,8 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import KILL_OPTS
 
+from conftest import KILL_OPTS
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
 
@@ -34,20 +34,51 @@ def assert_one_line_error(p):
 def test_user_errors_are_one_line(tmp_path, sample):
     assert_one_line_error(cli("--dataset_dir", str(tmp_path / "nope"), "--hdf5_dir", str(tmp_path)))
     assert_one_line_error(cli("--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--overwrite", "maybe"))
-    assert_one_line_error(cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path),
-                              "--partition", "distractors", "--start_tar", "3"))
-    assert_one_line_error(cli("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path),
-                              "--model", "vit_nonexistent_model"))
-    assert_one_line_error(cli("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path),
-                              "--pooling", "gem", "--masking", "yes"))
+    assert_one_line_error(
+        cli(
+            "--dataset_dir",
+            str(sample["yfcc"]),
+            "--hdf5_dir",
+            str(tmp_path),
+            "--partition",
+            "distractors",
+            "--start_tar",
+            "3",
+        )
+    )
+    assert_one_line_error(
+        cli("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--model", "vit_nonexistent_model")
+    )
+    assert_one_line_error(
+        cli("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--pooling", "gem", "--masking", "yes")
+    )
 
 
 def test_reference_readme_command(ray_cluster, sample, tmp_path):
     """The README's query command with `ilias-ray extract`; --pretrained false keeps it offline."""
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli("--partition", "image_queries", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path),
-            "--framework", "timm", "--model", "vit_large_patch16_siglip_384.webli", "--resolution", "512",
-            "--pretrained", "false", "--comp_fp16", "true", "--batch_size", "2", "--address", address)
+    p = cli(
+        "--partition",
+        "image_queries",
+        "--dataset_dir",
+        str(sample["core"]),
+        "--hdf5_dir",
+        str(tmp_path),
+        "--framework",
+        "timm",
+        "--model",
+        "vit_large_patch16_siglip_384.webli",
+        "--resolution",
+        "512",
+        "--pretrained",
+        "false",
+        "--comp_fp16",
+        "true",
+        "--batch_size",
+        "2",
+        "--address",
+        address,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[features_image_queries.hdf5]" in p.stdout and "summary: 1 file(s) written" in p.stdout
     with h5py.File(tmp_path / "features_image_queries.hdf5") as f:
@@ -58,13 +89,15 @@ def assert_same_file(path, ref):
     with h5py.File(path) as a, h5py.File(ref) as b:
         assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
         assert list(a["skipped_index"].asstr()[()]) == list(b["skipped_index"].asstr()[()])
-        np.testing.assert_allclose(a["features"][()].astype(np.float32), b["features"][()].astype(np.float32),
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            a["features"][()].astype(np.float32), b["features"][()].astype(np.float32), atol=1e-3
+        )
 
 
 @pytest.mark.parametrize("point", ["starting", "one shard done", "assembling", "SIGINT after one shard"])
-def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(ray_cluster, sample, tmp_path, capsys,
-                                                                          uninterrupted, point):
+def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(
+    ray_cluster, sample, tmp_path, capsys, uninterrupted, point
+):
     """SIGKILL at several points of a run (and SIGINT): no finished-looking file is left, and the
     rerun's file equals an uninterrupted run's."""
     out = tmp_path / "out"
@@ -75,9 +108,14 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(ray_c
     if point == "assembling":
         env.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:sleep")  # the sink pauses half-way through the copy
     address = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
-                                   "--address", address] + args, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out), "--address", address] + args,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     done = lambda: sorted(p.name for p in parts.glob("[0-9]*.json")) if parts.exists() else []  # noqa: E731
     reached = {
         "starting": lambda: time.sleep(2) or True,
@@ -118,8 +156,16 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
     once = tmp_path / "fired"
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"embed:{action}", ILIAS_RAY_FAULT_ONCE=str(once))
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address,
-            *[f"--{k}={v}" for k, v in KILL_OPTS.items()], env=env)
+    p = cli(
+        "--dataset_dir",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+        *[f"--{k}={v}" for k, v in KILL_OPTS.items()],
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "fired.embed").exists()  # the fault did fire
     if action == "raise":
@@ -130,9 +176,23 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
 def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, sample, tmp_path):
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="sink_write:enospc")
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address,
-            "--partition", "distractors", "--model", "resnet18", "--pretrained", "false", "--resolution", "64",
-            env=env)
+    p = cli(
+        "--dataset_dir",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        str(tmp_path),
+        "--address",
+        address,
+        "--partition",
+        "distractors",
+        "--model",
+        "resnet18",
+        "--pretrained",
+        "false",
+        "--resolution",
+        "64",
+        env=env,
+    )
     # Ray has started, so its own log lines may come first; ours is the last, and no traceback.
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -140,8 +200,20 @@ def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, 
     assert not list(tmp_path.glob("*.hdf5"))
 
 
-CHEAP = ["--partition", "distractors", "--model", "resnet18", "--pretrained", "false", "--resolution", "64",
-         "--batch_size", "4", "--webdl_batch_size", "4"]
+CHEAP = [
+    "--partition",
+    "distractors",
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "false",
+    "--resolution",
+    "64",
+    "--batch_size",
+    "4",
+    "--webdl_batch_size",
+    "4",
+]
 
 
 def test_a_batch_that_kills_its_actor_every_time_stops_the_run_and_is_named(ray_cluster, sample, tmp_path):
@@ -152,8 +224,10 @@ def test_a_batch_that_kills_its_actor_every_time_stops_the_run_and_is_named(ray_
     p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address, *CHEAP, env=env)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    want = (r"ilias-ray: error: a model batch \(\d{5}\.tar positions \d+-\d+\) killed its actor 4 times, so the run "
-            r"stopped; .* finished shards are kept: rerun the same command to resume")
+    want = (
+        r"ilias-ray: error: a model batch \(\d{5}\.tar positions \d+-\d+\) killed its actor 4 times, so the run "
+        r"stopped; .* finished shards are kept: rerun the same command to resume"
+    )
     assert re.fullmatch(want, last), last
 
 
@@ -161,11 +235,13 @@ def test_a_sink_that_dies_stops_the_run_at_once(ray_cluster, sample, tmp_path):
     """A restarted sink would lack the rows its predecessor took: it is not restarted, the run stops.
     (Before, the sink died here while building the file, a new one started every shard of it at
     position 0, and the run waited for rows that never came again, to fail only at its end.)"""
-    env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:exit",
-               ILIAS_RAY_FAULT_ONCE=str(tmp_path / "fired"))
+    env = dict(
+        os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:exit", ILIAS_RAY_FAULT_ONCE=str(tmp_path / "fired")
+    )
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address, *CHEAP,
-            env=env)
+    p = cli(
+        "--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address, *CHEAP, env=env
+    )
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and (tmp_path / "fired.assemble").exists(), p.stderr[-3000:]
     assert last.startswith("ilias-ray: error: the sink (it is not restarted") and "rerun the same command" in last

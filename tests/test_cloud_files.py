@@ -60,8 +60,9 @@ def pod_specs(job: dict) -> list:
 
 def dockerfile_instructions() -> list:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(
-        line for line in text("Dockerfile").splitlines() if not line.lstrip().startswith("#")))
+    joined = re.sub(
+        r"\\\n", " ", "\n".join(line for line in text("Dockerfile").splitlines() if not line.lstrip().startswith("#"))
+    )
     return [tuple((line.strip().split(None, 1) + [""])[:2]) for line in joined.splitlines() if line.strip()]
 
 
@@ -78,6 +79,7 @@ def data_uris(s: str) -> dict:
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------------
+
 
 def test_dockerfile_is_the_ray_image_of_the_pinned_ray_and_python():
     froms = [args for ins, args in dockerfile_instructions() if ins.upper() == "FROM"]
@@ -120,8 +122,7 @@ def test_dockerfile_takes_no_credentials():
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
-    entries = {line.strip() for line in text(".dockerignore").splitlines()
-               if line.strip() and not line.startswith("#")}
+    entries = {line.strip() for line in text(".dockerignore").splitlines() if line.strip() and not line.startswith("#")}
     for needed in (".git", ".venv", "demo_output", "**/__pycache__", "**/.pytest_cache"):
         assert needed in entries, needed
     for kept in ("requirements.txt", "pyproject.toml", "ilias_ray", "jobs"):
@@ -129,6 +130,7 @@ def test_dockerignore_keeps_local_state_out_of_the_image():
 
 
 # --- one image, named the same everywhere -------------------------------------------------------------------
+
 
 def test_cluster_and_rayjob_run_the_project_image_at_the_project_version():
     version = pyproject()["version"]
@@ -151,10 +153,11 @@ def test_rayjob_entrypoint_is_in_the_image():
     entry = rayjob()["spec"]["entrypoint"].split()
     script = entry[entry.index("python") + 1]
     assert script.startswith(PROJECT_DIR + "/")
-    assert (ROOT / script[len(PROJECT_DIR) + 1:]).is_file(), script
+    assert (ROOT / script[len(PROJECT_DIR) + 1 :]).is_file(), script
 
 
 # --- cluster.yaml (AWS) --------------------------------------------------------------------------------------
+
 
 def test_every_node_type_has_an_instance_profile_and_no_keys():
     for name, node_type in cluster()["available_node_types"].items():
@@ -165,8 +168,11 @@ def test_every_node_type_has_an_instance_profile_and_no_keys():
 
 def test_nodes_install_nothing_when_they_start():
     c = cluster()
-    commands = [cmd for key in ("initialization_commands", "setup_commands", "head_setup_commands",
-                                "worker_setup_commands") for cmd in c.get(key) or []]
+    commands = [
+        cmd
+        for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+        for cmd in c.get(key) or []
+    ]
     for node_type in c["available_node_types"].values():
         commands += node_type.get("worker_setup_commands") or []
     for cmd in commands:
@@ -192,6 +198,7 @@ def test_cluster_commands_read_and_write_s3():
 
 
 # --- jobs/rayjob.yaml (GKE) --------------------------------------------------------------------------------
+
 
 def test_rayjob_uses_a_bucket_through_workload_identity():
     docs = rayjob_docs()
@@ -228,7 +235,7 @@ def test_rayjob_needs_no_shared_volume():
 
 AUTH_FILES = ["cluster.yaml", "jobs/rayjob.yaml", ".ci/run"]
 TOKEN_FILE = "~/.ray/auth_token"  # where Ray looks for the token (`ray get-auth-token --generate` writes it)
-TOKEN_SECRET_KEY = "auth_token"   # the key KubeRay's authOptions.secretName Secret must have
+TOKEN_SECRET_KEY = "auth_token"  # the key KubeRay's authOptions.secretName Secret must have
 # RAY_AUTH_MODE=disabled, RAY_AUTH_MODE: disabled, {name: RAY_AUTH_MODE, value: disabled}, ${RAY_AUTH_MODE:-disabled}
 AUTH_OFF = re.compile(r"RAY_AUTH_MODE[\s\"',:=}{-]*(?:value:\s*)?[\"']?disabled", re.I)
 
@@ -246,8 +253,13 @@ def test_nothing_shipped_turns_token_auth_off(name):
 
 
 def test_the_auth_off_check_catches_every_spelling():
-    for bad in ("RAY_AUTH_MODE=disabled ray start", "RAY_AUTH_MODE: disabled", "{name: RAY_AUTH_MODE, value: disabled}",
-                "- name: RAY_AUTH_MODE\n  value: \"disabled\"", 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"'):
+    for bad in (
+        "RAY_AUTH_MODE=disabled ray start",
+        "RAY_AUTH_MODE: disabled",
+        "{name: RAY_AUTH_MODE, value: disabled}",
+        '- name: RAY_AUTH_MODE\n  value: "disabled"',
+        'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"',
+    ):
         assert AUTH_OFF.search(bad), bad
     assert not AUTH_OFF.search("RAY_AUTH_MODE=token ray start --head  # disabled only on a laptop")
 
@@ -264,8 +276,9 @@ def test_every_ray_start_runs_with_token_auth():
     # the head's autoscaler): a path, never a value.
     assert c["file_mounts"] == {TOKEN_FILE: TOKEN_FILE}
     # The `ray job ...` commands the header shows send the token.
-    shown = [m for line in text("cluster.yaml").splitlines()
-             if (m := re.match(r"#?\s*((?:\S+=\S*\s+)*)ray job \w+", line))]
+    shown = [
+        m for line in text("cluster.yaml").splitlines() if (m := re.match(r"#?\s*((?:\S+=\S*\s+)*)ray job \w+", line))
+    ]
     assert shown
     for m in shown:
         assert "RAY_AUTH_MODE=token" in m.group(1).split(), m.group(0)
@@ -286,8 +299,10 @@ def test_rayjob_runs_with_token_auth_from_a_secret():
     assert "RAY_AUTH_MODE" not in (rayjob()["spec"].get("runtimeEnvYAML") or "")
     # The Secret is made with kubectl from a generated token; the manifest neither holds nor creates it.
     assert "Secret" not in {d["kind"] for d in rayjob_docs()}
-    made = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=\"\$\(openssl rand -hex 32\)\"",
-                     text("jobs/rayjob.yaml"))
+    made = re.search(
+        r"kubectl create secret generic (\S+) --from-literal=(\w+)=\"\$\(openssl rand -hex 32\)\"",
+        text("jobs/rayjob.yaml"),
+    )
     assert made and made.groups() == (secret, TOKEN_SECRET_KEY), made
 
 
@@ -310,18 +325,18 @@ def test_readme_commands_keep_token_auth():
 # --- no credentials anywhere ---------------------------------------------------------------------------------
 
 SECRET_PATTERNS = [
-    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",                              # AWS access key ids
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key ids
     r"aws_secret_access_key|aws_access_key_id|aws_session_token",  # credentials-file / env names
-    r"\b(secret|access)_key\s*[=:]",                              # key=... in URIs, flags, env
-    r"\b(s3|gs|gcs)://[^/\s@]*:[^/\s@]*@",                        # user:password@ in a bucket URI
+    r"\b(secret|access)_key\s*[=:]",  # key=... in URIs, flags, env
+    r"\b(s3|gs|gcs)://[^/\s@]*:[^/\s@]*@",  # user:password@ in a bucket URI
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
-    r'"type"\s*:\s*"service_account"|private_key_id',            # a GCP service account key file
-    r"GOOGLE_APPLICATION_CREDENTIALS",                            # a key file instead of workload identity
-    r"(?<!sha256:)\b[0-9a-f]{64}\b",                              # a Ray token (`ray get-auth-token`: 64 hex)
-    r"RAY_AUTH_TOKEN\s*[=:]\s*(?![\"']?\$)[\"']?\w",                # RAY_AUTH_TOKEN=<a value>, not =$(...)
-    r"name:\s*RAY_AUTH_TOKEN\W+value:",                           # a Kubernetes env value instead of a Secret
-    r"--from-literal=auth_token=(?![\"']?\$)",                     # a literal token for the Secret
-    r"(?m)^\s*(data|stringData):\s*\{?\s*auth_token\b",             # a Secret manifest carrying the token
+    r'"type"\s*:\s*"service_account"|private_key_id',  # a GCP service account key file
+    r"GOOGLE_APPLICATION_CREDENTIALS",  # a key file instead of workload identity
+    r"(?<!sha256:)\b[0-9a-f]{64}\b",  # a Ray token (`ray get-auth-token`: 64 hex)
+    r"RAY_AUTH_TOKEN\s*[=:]\s*(?![\"']?\$)[\"']?\w",  # RAY_AUTH_TOKEN=<a value>, not =$(...)
+    r"name:\s*RAY_AUTH_TOKEN\W+value:",  # a Kubernetes env value instead of a Secret
+    r"--from-literal=auth_token=(?![\"']?\$)",  # a literal token for the Secret
+    r"(?m)^\s*(data|stringData):\s*\{?\s*auth_token\b",  # a Secret manifest carrying the token
 ]
 
 
@@ -336,13 +351,26 @@ def test_no_credentials_in_the_cloud_files(name):
 
 def test_the_credential_check_catches_credentials():
     # The samples are built from pieces so that this file itself holds no credential-shaped text.
-    for bad in ("AKIA" + "IOSFODNN7EXAMPLE", "aws_secret_access_key" + " = x", "s3://bucket/p?secret_key=abc",
-                "--hdf5_dir s3://me:hunter2@bucket/out", "gs://u:p@bucket", '{"type": "service_account"}',
-                "ENV AWS_SESSION_TOKEN=x", "-----BEGIN RSA " + "PRIVATE KEY-----", "ab12" * 16,
-                "RAY_AUTH_TOKEN=" + "s3cr3t", "{name: RAY_AUTH_TOKEN, value: x}", "--from-literal=auth_token=" + "x",
-                "stringData:\n  auth_token: x", "data: {auth_token: eA==}"):
+    for bad in (
+        "AKIA" + "IOSFODNN7EXAMPLE",
+        "aws_secret_access_key" + " = x",
+        "s3://bucket/p?secret_key=abc",
+        "--hdf5_dir s3://me:hunter2@bucket/out",
+        "gs://u:p@bucket",
+        '{"type": "service_account"}',
+        "ENV AWS_SESSION_TOKEN=x",
+        "-----BEGIN RSA " + "PRIVATE KEY-----",
+        "ab12" * 16,
+        "RAY_AUTH_TOKEN=" + "s3cr3t",
+        "{name: RAY_AUTH_TOKEN, value: x}",
+        "--from-literal=auth_token=" + "x",
+        "stringData:\n  auth_token: x",
+        "data: {auth_token: eA==}",
+    ):
         assert secrets_in(bad), bad
     assert not secrets_in("s3://my-features/features/x --hdf5_dir gs://b/p arn:aws:iam::<account>:instance-profile/x")
-    assert not secrets_in('--from-literal=auth_token="$(openssl rand -hex 32)" RAY_AUTH_TOKEN=$(cat f) '
-                          "- name: RAY_AUTH_TOKEN\n  valueFrom: {secretKeyRef: {name: s, key: auth_token}} "
-                          "FROM rayproject/ray@sha256:" + "ab12" * 16)
+    assert not secrets_in(
+        '--from-literal=auth_token="$(openssl rand -hex 32)" RAY_AUTH_TOKEN=$(cat f) '
+        "- name: RAY_AUTH_TOKEN\n  valueFrom: {secretKeyRef: {name: s, key: auth_token}} "
+        "FROM rayproject/ray@sha256:" + "ab12" * 16
+    )

@@ -67,7 +67,10 @@ def test_job_commands_follow_the_reference_run():
     assert [c[2] for c in cmds] == ["image_queries", "positives", "distractors", "text_queries"]
     assert cmds[3][cmds[3].index("--framework") + 1] == "text"
     assert [c[2] for c in model_commands("fb", "dinov2_vitl14", "/core", "/yfcc", "/out")] == [
-        "image_queries", "positives", "distractors"]
+        "image_queries",
+        "positives",
+        "distractors",
+    ]
     rows = select_rows("^DINOv2")
     assert rows and all(r["framework"] == "fb" for r in rows)
 
@@ -79,8 +82,14 @@ def test_bytes_stay_where_they_are_read(ray_cluster, sample, tmp_path, capsys, m
     from ilias_ray.pipeline import build_dataset, run
     from ilias_ray.plan import make_plan
 
-    cfg = Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path), partition="distractors", model=VIT,
-                 pretrained=False, resolution=64).validate()
+    cfg = Config(
+        dataset_dir=str(sample["yfcc"]),
+        hdf5_dir=str(tmp_path),
+        partition="distractors",
+        model=VIT,
+        pretrained=False,
+        resolution=64,
+    ).validate()
     ds, _ = build_dataset(cfg, make_plan(cfg), ray_cluster)
     batch = ds.take_batch(5, batch_format="numpy")
     assert set(batch) == {"seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec"}
@@ -104,18 +113,42 @@ def head_node(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     # Every port explicit: the test session's own cluster already holds Ray's defaults.
-    ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+            *ports,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        p = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True
+        )
         if p.returncode == 0:
             break
         time.sleep(2)
@@ -139,22 +172,53 @@ def test_ray_job_submit_runs_a_whole_model_job(head_node, sample, tmp_path):
     address, env = head_node
     # Token auth is on: a client that sends no token, or a wrong one, is refused before anything runs.
     no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
-    for client, refusal in ((dict(no_token, RAY_AUTH_MODE="disabled"), "Unauthorized: Missing authentication token"),
-                            (dict(no_token, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
-                             "Forbidden: Invalid authentication token")):
-        p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=client,
-                           capture_output=True, text=True, timeout=120)
+    for client, refusal in (
+        (dict(no_token, RAY_AUTH_MODE="disabled"), "Unauthorized: Missing authentication token"),
+        (dict(no_token, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), "Forbidden: Invalid authentication token"),
+    ):
+        p = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
+            env=client,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         said = p.stdout + p.stderr
         assert p.returncode != 0 and refusal in said and "submitted successfully" not in said, said[-3000:]
     out = tmp_path / "features"
     # The job's own env_vars include an ILIAS_RAY_ setting, which the driver forwards to its workers
     # too: Ray refused such a driver ("Failed to merge the Job's runtime env") before it skipped them.
     runtime_env = '{"env_vars": {"ILIAS_RAY_LEASE_S": "90"}}'
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-           "--runtime-env-json", runtime_env, "--", "python", "jobs/extract_model.py", "--model", VIT,
-           "--resolution", "64", "--text", "false",
-           "--core", str(sample["core"]), "--yfcc", str(sample["yfcc"]), "--hdf5_dir", str(out),
-           "--total_tars", "3", "--pretrained", "false"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        runtime_env,
+        "--",
+        "python",
+        "jobs/extract_model.py",
+        "--model",
+        VIT,
+        "--resolution",
+        "64",
+        "--text",
+        "false",
+        "--core",
+        str(sample["core"]),
+        "--yfcc",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        str(out),
+        "--total_tars",
+        "3",
+        "--pretrained",
+        "false",
+    ]
     for _ in range(20):  # the job server answers before its agent can take jobs
         submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in submit.stderr:
@@ -189,7 +253,8 @@ def test_pool_size_and_no_progress_timeout(ray_cluster):
     # An autoscaling cluster with no GPU node up yet: GPU actors on request, up to --model_actors,
     # starting from one and growing as GPU nodes join.
     assert model_pool(Config(dataset_dir=".", hdf5_dir=".", use_gpu=True, model_actors=32), cpu_only) == Pool(
-        True, 32, 1, {"num_gpus": 1}, 1.0, 0)
+        True, 32, 1, {"num_gpus": 1}, 1.0, 0
+    )
     init_ray(cfg)
     # Waiting minutes for autoscaled GPU nodes must not count as "no progress" (default: 30 min).
     assert ray_cluster.data.DataContext.get_current().execution_no_progress_timeout_s >= 6 * 3600

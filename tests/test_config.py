@@ -7,8 +7,8 @@ import dataclasses
 import pickle
 
 import pytest
-from conftest import one_line_error
 
+from conftest import one_line_error
 from ilias_ray import cli
 from ilias_ray.config import POOLINGS, Config, UserError
 from ilias_ray.parts import fingerprint
@@ -17,10 +17,22 @@ from ilias_ray.parts import fingerprint
 # Config carry it: a rerun after any upgrade must compute the same keys, values and digest, or it
 # would not find them and redo every file.
 DEFAULT_OUTPUT_SETTINGS = {
-    "partition": "image_queries", "framework": "timm", "model": "vit_large_patch16_siglip_384.webli",
-    "pooling": "head", "transforms": "RESIZE_LARGE", "resolution": 512, "min_size": 0, "multiscale": False,
-    "multirotate": False, "masking": False, "crop_resize": False, "comp_fp16": True, "store_fp16": True,
-    "checkpoint_sha256": None, "pretrained": True, "selected_ids_sha256": None,
+    "partition": "image_queries",
+    "framework": "timm",
+    "model": "vit_large_patch16_siglip_384.webli",
+    "pooling": "head",
+    "transforms": "RESIZE_LARGE",
+    "resolution": 512,
+    "min_size": 0,
+    "multiscale": False,
+    "multirotate": False,
+    "masking": False,
+    "crop_resize": False,
+    "comp_fp16": True,
+    "store_fp16": True,
+    "checkpoint_sha256": None,
+    "pretrained": True,
+    "selected_ids_sha256": None,
 }
 DEFAULT_FINGERPRINT = "da9b9ec05a996980cfcc5abc7b1a08d1916171c63ffb78773c09c16fbea85564"
 # A distractor file's: the output settings plus its shards (plan.make_plan), with other values.
@@ -41,8 +53,14 @@ def test_output_settings_and_fingerprint_are_pinned():
 
 def test_run_settings_are_where_and_how_not_what():
     assert default(checkpoint="w.pt", total_tars=3).run_settings() == {
-        "dataset_dir": ".", "checkpoint": "w.pt", "selected_ids": None, "batch_size": 128, "start_tar": 0,
-        "total_tars": 3, "tar_batch_size": 10}
+        "dataset_dir": ".",
+        "checkpoint": "w.pt",
+        "selected_ids": None,
+        "batch_size": 128,
+        "start_tar": 0,
+        "total_tars": 3,
+        "tar_batch_size": 10,
+    }
     assert not set(default().run_settings()) & set(DEFAULT_OUTPUT_SETTINGS)
 
 
@@ -70,22 +88,51 @@ def test_flag_types_and_spellings():
     args = ["extract", "--dataset_dir", "d", "--hdf5_dir", "h"]
     cfg = cli.config_from_args(cli.build_parser().parse_args(args))
     assert cfg == Config(dataset_dir="d", hdf5_dir="h")  # the command line's defaults are Config's
-    cfg = cli.config_from_args(cli.build_parser().parse_args(args + [
-        "--multiscale", "ON", "--store_fp16", "0", "--use_gpu", "auto", "--total_tars", "3", "--model_actors", "2",
-        "--checkpoint", "w.pt", "--resolution", "224"]))
+    cfg = cli.config_from_args(
+        cli.build_parser().parse_args(
+            args
+            + [
+                "--multiscale",
+                "ON",
+                "--store_fp16",
+                "0",
+                "--use_gpu",
+                "auto",
+                "--total_tars",
+                "3",
+                "--model_actors",
+                "2",
+                "--checkpoint",
+                "w.pt",
+                "--resolution",
+                "224",
+            ]
+        )
+    )
     assert (cfg.multiscale, cfg.store_fp16, cfg.use_gpu, cfg.total_tars, cfg.model_actors) == (True, False, None, 3, 2)
     assert (cfg.checkpoint, cfg.resolution) == ("w.pt", 224)
     assert cli.build_parser().parse_args(args + ["--use_gpu", "true"]).use_gpu is True
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--overwrite", "maybe"], "argument --overwrite: invalid value for a boolean flag: 'maybe' (use true/false, "
-                               "on/off, 1/0)"),
-    (["--use_gpu", "yes"], "argument --use_gpu: invalid value for a boolean flag: 'yes' (use true/false, on/off, 1/0)"),
-    (["--resolution", "big"], "argument --resolution: invalid int value: 'big'"),
-    (["--pooling", "max"], "argument --pooling: invalid choice: 'max' (choose from 'head', 'cls', 'gap', 'mac', "
-                           "'gem', 'rmac', 'rgem', 'local')"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--overwrite", "maybe"],
+            "argument --overwrite: invalid value for a boolean flag: 'maybe' (use true/false, on/off, 1/0)",
+        ),
+        (
+            ["--use_gpu", "yes"],
+            "argument --use_gpu: invalid value for a boolean flag: 'yes' (use true/false, on/off, 1/0)",
+        ),
+        (["--resolution", "big"], "argument --resolution: invalid int value: 'big'"),
+        (
+            ["--pooling", "max"],
+            "argument --pooling: invalid choice: 'max' (choose from 'head', 'cls', 'gap', 'mac', "
+            "'gem', 'rmac', 'rgem', 'local')",
+        ),
+    ],
+)
 def test_flag_errors_are_argparse_lines(args, message, capsys):
     line = one_line_error(["extract", "--dataset_dir", "d", "--hdf5_dir", "h", *args], capsys)
     assert line == f"ilias-ray extract: error: {message} (see --help)"
@@ -93,28 +140,37 @@ def test_flag_errors_are_argparse_lines(args, message, capsys):
 
 def test_a_missing_required_flag(capsys):
     line = one_line_error(["extract"], capsys)
-    assert line == "ilias-ray extract: error: the following arguments are required: --dataset_dir, --hdf5_dir " \
-                   "(see --help)"
+    assert (
+        line == "ilias-ray extract: error: the following arguments are required: --dataset_dir, --hdf5_dir (see --help)"
+    )
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(partition="query"), "--partition must be one of image_queries, text_queries, positives, distractors, uned, "
-                              "not 'query'"),
-    (dict(transforms="RESIZE"), "--transforms must be one of RESIZE_LARGE, RESIZE_SMALL, RESIZE_CENTER, "
-                                "RESIZE_SQUARE, RESIZE_PAD, not 'RESIZE'"),
-    (dict(pooling="max"), "--pooling must be one of head, cls, gap, mac, gem, rmac, rgem, local, not 'max'"),
-    (dict(resolution=0), "--resolution must be a positive integer"),
-    (dict(batch_size=0), "--batch_size must be a positive integer"),
-    (dict(webdl_batch_size=-1), "--webdl_batch_size must be a positive integer"),
-    (dict(tar_batch_size=0), "--tar_batch_size must be a positive integer"),
-    (dict(total_tars=0), "--total_tars must be a positive integer"),
-    (dict(model_actors=0), "--model_actors must be a positive integer"),
-    (dict(min_size=-1), "--min_size must be >= 0"),
-    (dict(start_tar=-10), "--start_tar must be >= 0"),
-    (dict(num_workers=-1), "--num_workers must be >= 0"),
-    (dict(hdf5_compression=10), "--hdf5_compression is a gzip level: 0..9"),
-    (dict(start_tar=5), "--start_tar (5) must be divisible by --tar_batch_size (10)"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (
+            dict(partition="query"),
+            "--partition must be one of image_queries, text_queries, positives, distractors, uned, not 'query'",
+        ),
+        (
+            dict(transforms="RESIZE"),
+            "--transforms must be one of RESIZE_LARGE, RESIZE_SMALL, RESIZE_CENTER, "
+            "RESIZE_SQUARE, RESIZE_PAD, not 'RESIZE'",
+        ),
+        (dict(pooling="max"), "--pooling must be one of head, cls, gap, mac, gem, rmac, rgem, local, not 'max'"),
+        (dict(resolution=0), "--resolution must be a positive integer"),
+        (dict(batch_size=0), "--batch_size must be a positive integer"),
+        (dict(webdl_batch_size=-1), "--webdl_batch_size must be a positive integer"),
+        (dict(tar_batch_size=0), "--tar_batch_size must be a positive integer"),
+        (dict(total_tars=0), "--total_tars must be a positive integer"),
+        (dict(model_actors=0), "--model_actors must be a positive integer"),
+        (dict(min_size=-1), "--min_size must be >= 0"),
+        (dict(start_tar=-10), "--start_tar must be >= 0"),
+        (dict(num_workers=-1), "--num_workers must be >= 0"),
+        (dict(hdf5_compression=10), "--hdf5_compression is a gzip level: 0..9"),
+        (dict(start_tar=5), "--start_tar (5) must be divisible by --tar_batch_size (10)"),
+    ],
+)
 def test_declared_choices_and_bounds_are_checked(kw, message):
     with pytest.raises(UserError) as e:
         default(**kw).validate()
@@ -122,8 +178,9 @@ def test_declared_choices_and_bounds_are_checked(kw, message):
 
 
 def test_a_bound_error_from_the_command_line(capsys, tmp_path):
-    line = one_line_error(["extract", "--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--min_size",
-                           "-1"], capsys)
+    line = one_line_error(
+        ["extract", "--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--min_size", "-1"], capsys
+    )
     assert line == "ilias-ray: error: --min_size must be >= 0"
 
 
@@ -144,18 +201,40 @@ def test_stages_get_only_their_settings():
     from ilias_ray.pipeline import decoder, embedder_args
     from ilias_ray.preprocess import Decoder
 
-    cfg = default(transforms="RESIZE_PAD", resolution=224, masking=True, multirotate=True, checkpoint="s3://b/w.pt",
-                  checkpoint_sha256="ab", batch_size=16)
+    cfg = default(
+        transforms="RESIZE_PAD",
+        resolution=224,
+        masking=True,
+        multirotate=True,
+        checkpoint="s3://b/w.pt",
+        checkpoint_sha256="ab",
+        batch_size=16,
+    )
     dec = decoder(cfg)
     assert dec == Decoder(transforms="RESIZE_PAD", resolution=224, min_size=0, crop_resize=False, masking=True)
-    assert dec.pad == 224 and decoder(default(min_size=600)).pad == 600 and decoder(default(transforms="RESIZE_SMALL",
-                                                                                            min_size=600)).pad == 0
+    assert (
+        dec.pad == 224
+        and decoder(default(min_size=600)).pad == 600
+        and decoder(default(transforms="RESIZE_SMALL", min_size=600)).pad == 0
+    )
     args = embedder_args(cfg)
     assert args == dict(
-        backbone=BackboneSpec(framework="timm", model="vit_large_patch16_siglip_384.webli", checkpoint="s3://b/w.pt",
-                              checkpoint_sha256="ab", pretrained=True, trust_remote_code=False),
-        pooling="head", scales=(1.0,), angles=(0, 90, 180, 270), pad=224, batch_size=16, comp_fp16=True,
-        store_fp16=True)
+        backbone=BackboneSpec(
+            framework="timm",
+            model="vit_large_patch16_siglip_384.webli",
+            checkpoint="s3://b/w.pt",
+            checkpoint_sha256="ab",
+            pretrained=True,
+            trust_remote_code=False,
+        ),
+        pooling="head",
+        scales=(1.0,),
+        angles=(0, 90, 180, 270),
+        pad=224,
+        batch_size=16,
+        comp_fp16=True,
+        store_fp16=True,
+    )
     assert embedder_args(default(multiscale=True))["scales"] == (0.707, 1.0, 1.414)
     for shipped in (dec, args):
         assert pickle.loads(pickle.dumps(shipped)) == shipped

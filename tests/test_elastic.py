@@ -28,11 +28,12 @@ def test_pool_grows_with_nodes_and_survives_losing_one(tmp_path):
     build_yfcc_like(yfcc, 60, per_shard=5)
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, str(SCRIPT), str(yfcc), str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), str(yfcc), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("REPORT ")]
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
-    report = json.loads(lines[0][len("REPORT "):])
+    report = json.loads(lines[0][len("REPORT ") :])
     assert report["actors_before"] == 1 and report["actors_peak"] >= 2  # the pool grew onto the new node
     assert report["removed_while_running"] and report["finished"]
 

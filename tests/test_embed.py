@@ -16,15 +16,15 @@ import math
 
 import numpy as np
 import pytest
-import stages
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from reference import CNN, IMAGENET_MEAN, IMAGENET_STD, VIT, embedder, make_cfg, rng_pixels
 from torchvision.transforms import InterpolationMode
 
+import stages
 from ilias_ray import embed
 from ilias_ray.preprocess import object_column as objects
+from reference import CNN, IMAGENET_MEAN, IMAGENET_STD, VIT, embedder, make_cfg, rng_pixels
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -72,8 +72,9 @@ def ref_pool(name, ff, token):
     raise AssertionError(name)
 
 
-def ref_embed(model, pixels, mean, std, *, pad=0, mask=None, patch=0, pooling="head",
-              token=False, scales=(1.0,), angles=(0,)):
+def ref_embed(
+    model, pixels, mean, std, *, pad=0, mask=None, patch=0, pooling="head", token=False, scales=(1.0,), angles=(0,)
+):
     """The reference pipeline after the resize, with torchvision ops and the model object."""
     x = torch.stack([TF.normalize(TF.to_tensor(p), list(mean), list(std)) for p in pixels])
     if pad:
@@ -204,15 +205,23 @@ def test_cnn_gem_and_gap():
         torch.testing.assert_close(got, exp, **TOL)
 
 
-
 def test_vit_tta_multiscale_multirotate():
     emb = embedder(model=VIT, pooling="head", resolution=64, multiscale=True, multirotate=True)
     model = emb.bb.model
     mean, std = model_mean_std(model)
     pixels = rng_pixels(21, 1, 30, 46, 3)
     got = emb.embed_pixels(torch.from_numpy(pixels))
-    exp = ref_embed(model, pixels, mean, std, patch=16, pooling="head", token=True,
-                    scales=(0.707, 1.0, 1.414), angles=(0, 90, 180, 270))
+    exp = ref_embed(
+        model,
+        pixels,
+        mean,
+        std,
+        patch=16,
+        pooling="head",
+        token=True,
+        scales=(0.707, 1.0, 1.414),
+        angles=(0, 90, 180, 270),
+    )
     torch.testing.assert_close(got, exp, **TOL)
     # and it is not just the single view
     single = ref_embed(model, pixels, mean, std, patch=16, pooling="head", token=True)
@@ -220,15 +229,13 @@ def test_vit_tta_multiscale_multirotate():
 
 
 def test_cnn_gem_multiscale_with_mask_and_pad():
-    emb = embedder(model=CNN, pooling="gem", transforms="RESIZE_PAD", resolution=48,
-                   multiscale=True, masking=True)
+    emb = embedder(model=CNN, pooling="gem", transforms="RESIZE_PAD", resolution=48, multiscale=True, masking=True)
     model = emb.bb.model
     mean, std = model_mean_std(model)
     pixels = rng_pixels(31, 2, 33, 48, 3)
     mask = rng_pixels(32, 2, 48, 48) % 2
     got = emb.embed_pixels(torch.from_numpy(pixels), torch.from_numpy(mask))
-    exp = ref_embed(model, pixels, mean, std, pad=48, mask=mask, pooling="gem",
-                    scales=(0.707, 1.0, 1.414))
+    exp = ref_embed(model, pixels, mean, std, pad=48, mask=mask, pooling="gem", scales=(0.707, 1.0, 1.414))
     torch.testing.assert_close(got, exp, **TOL)
 
 
@@ -290,8 +297,17 @@ def test_embedder_call_groups_shapes_and_masks():
     """The Ray batch callable: rows of different shapes (and masks) embed as if alone."""
     from ilias_ray.rows import Kind
 
-    emb = stages.embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE",
-                                   resolution=64, min_size=40, masking=True, store_fp16=True))
+    emb = stages.embedder(
+        make_cfg(
+            model=CNN,
+            pooling="gem",
+            transforms="RESIZE_LARGE",
+            resolution=64,
+            min_size=40,
+            masking=True,
+            store_fp16=True,
+        )
+    )
     model = emb.bb.model
     shapes = [(33, 47), (50, 30), (33, 47), None, (33, 47)]
     masks = [True, False, False, None, True]
@@ -312,12 +328,19 @@ def test_embedder_call_groups_shapes_and_masks():
         exp.append(ref_embed(model, px, IMAGENET_MEAN, IMAGENET_STD, pad=40, mask=m, pooling="gem")[0])
     n = len(shapes)
     batch = {
-        "seq": np.arange(n, dtype=np.int64), "out": np.zeros(n, np.int32), "unit": np.zeros(n, np.int32),
-        "pos": np.arange(n, dtype=np.int64), "id": np.array([str(i) for i in range(n)], dtype=object),
-        "kind": np.array(rows["kind"], dtype=np.int8), "note": np.array([""] * n, dtype=object),
-        "off": np.zeros(n, np.int64), "data": np.array([b""] * n, dtype=object),
-        "img": objects(rows["img"]), "h": np.array(rows["h"], np.int32),
-        "w": np.array(rows["w"], np.int32), "mask": objects(rows["mask"]),
+        "seq": np.arange(n, dtype=np.int64),
+        "out": np.zeros(n, np.int32),
+        "unit": np.zeros(n, np.int32),
+        "pos": np.arange(n, dtype=np.int64),
+        "id": np.array([str(i) for i in range(n)], dtype=object),
+        "kind": np.array(rows["kind"], dtype=np.int8),
+        "note": np.array([""] * n, dtype=object),
+        "off": np.zeros(n, np.int64),
+        "data": np.array([b""] * n, dtype=object),
+        "img": objects(rows["img"]),
+        "h": np.array(rows["h"], np.int32),
+        "w": np.array(rows["w"], np.int32),
+        "mask": objects(rows["mask"]),
     }
     out = emb(batch)
     for i in range(n):
@@ -326,15 +349,16 @@ def test_embedder_call_groups_shapes_and_masks():
             continue
         f = np.frombuffer(out["feat"][i], np.float16)
         assert out["nvec"][i] == 1
-        np.testing.assert_allclose(f.astype(np.float32), exp[i].numpy().astype(np.float16).astype(np.float32),
-                                   rtol=0, atol=1e-3)
-
+        np.testing.assert_allclose(
+            f.astype(np.float32), exp[i].numpy().astype(np.float16).astype(np.float32), rtol=0, atol=1e-3
+        )
 
 
 def test_cpu_chunks_do_not_change_features():
     """On a CPU a batch runs in small forward passes (cache-sized); the features must not change."""
-    emb = stages.embedder(make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE", resolution=64,
-                                   min_size=40, multiscale=True))
+    emb = stages.embedder(
+        make_cfg(model=CNN, pooling="gem", transforms="RESIZE_LARGE", resolution=64, min_size=40, multiscale=True)
+    )
     px = torch.from_numpy(rng_pixels(7, 5, 33, 47, 3))
     mask = torch.from_numpy(rng_pixels(8, 5, 40, 47) % 2)
     assert emb.chunk((33, 47)) >= 5  # small images: the whole batch in one pass

@@ -135,8 +135,9 @@ def test_distractors_chunks_order_and_skips(ray_cluster, sample, vit_checkpoint,
 
     # --start_tar selects shards[S:S+T] and numbers the chunk S // B.
     out2 = tmp_path / "second"
-    s = extract(out2, sample["yfcc"], partition="distractors", tar_batch_size=2, start_tar=2,
-                checkpoint=str(vit_checkpoint))
+    s = extract(
+        out2, sample["yfcc"], partition="distractors", tar_batch_size=2, start_tar=2, checkpoint=str(vit_checkpoint)
+    )
     assert s["written"] == ["features_distractors_00001.hdf5"]
     np.testing.assert_array_equal(read(out2 / "features_distractors_00001.hdf5")["features"], b["features"])
 
@@ -154,8 +155,7 @@ def test_same_rows_whatever_batching_and_actors(ray_cluster, sample, tmp_path):
 def test_text_queries(ray_cluster, sample, tmp_path):
     import open_clip
 
-    extract(tmp_path, sample["core"], partition="text_queries", framework="text", model="RN50.openai",
-            pretrained=False)
+    extract(tmp_path, sample["core"], partition="text_queries", framework="text", model="RN50.openai", pretrained=False)
     d = read(tmp_path / "features_text_queries.hdf5")
     core = sample["core"]
     rel = sorted(str(p.relative_to(core)) for p in core.rglob("T*.txt"))

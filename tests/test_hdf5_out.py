@@ -8,13 +8,13 @@ import json
 import h5py
 import numpy as np
 import pytest
-from test_parts import write_unit
 
 from ilias_ray import hdf5_out
 from ilias_ray.hdf5_out import ATTRS, DATASETS, OutputSpec, RunInfo, UnitSpec, assemble
 from ilias_ray.parts import PartsStore
 from ilias_ray.storage import Location
 from ilias_ray.verify import verify
+from test_parts import write_unit
 
 SETTINGS = {"x": 1, "pooling": "local"}
 
@@ -26,8 +26,12 @@ def committed(tmp_path, local=True, dtype="float32"):
     store.begin(SETTINGS)
     units = [[("a/0", 1), ("a/1", 0), ("a/2", 2)], [("b/0", 3), ("b/1", 1)]]
     records = {k: write_unit(store, k, rows, dtype=dtype) for k, rows in enumerate(units)}
-    spec = OutputSpec(name="f.hdf5", dir=out, settings=SETTINGS,
-                      units=tuple(UnitSpec(k, f"{k}.tar", None, 0, records[k]) for k in range(2)))
+    spec = OutputSpec(
+        name="f.hdf5",
+        dir=out,
+        settings=SETTINGS,
+        units=tuple(UnitSpec(k, f"{k}.tar", None, 0, records[k]) for k in range(2)),
+    )
     assemble(spec, RunInfo(dtype=dtype, compression=0, local=local, run_settings={"batch_size": 8}), records)
     return tmp_path / "f.hdf5"
 
@@ -47,8 +51,10 @@ def test_the_commit_builds_the_declared_file_from_the_parts_and_removes_them(tmp
         assert f["features"][:, 0].tolist() == [0, 2, 2, 0, 0, 0, 1]
         assert list(f["skipped_index"].asstr()[()]) == ["a/1"]
         assert list(f["skipped_reason"].asstr()[()]) == ["bad 1"]
-        assert json.loads(f.attrs["units"]) == [{"name": "0.tar", "rows": 3, "end": "eof"},
-                                                {"name": "1.tar", "rows": 2, "end": "eof"}]
+        assert json.loads(f.attrs["units"]) == [
+            {"name": "0.tar", "rows": 3, "end": "eof"},
+            {"name": "1.tar", "rows": 2, "end": "eof"},
+        ]
         assert json.loads(f.attrs["run"]) == {"batch_size": 8}
         assert f.attrs["num_rows"] == 4 and f.attrs["num_skipped"] == 1 and f.attrs["complete"]
 
@@ -63,14 +69,24 @@ def unit_norm(f):
     f["features"][...] = np.ones_like(x) / np.sqrt(x.shape[1])
 
 
-@pytest.mark.parametrize("edit, telltale, level", [
-    (lambda f: f.__delitem__("offsets"), "missing dataset(s): offsets", "problem"),
-    (lambda f: (f.__delitem__("skipped_reason"), f.create_dataset("skipped_reason", data=np.array([7]))),
-     "'skipped_reason' has dtype int64, not the declared utf-8", "problem"),
-    # What an older ilias-ray did not write is a warning: `verify` passes, `verify --strict` does not.
-    (lambda f: f.attrs.__delitem__("num_input_duplicates"), "missing attribute(s): num_input_duplicates", "warning"),
-    (lambda f: f.__delitem__("duplicate_index"), "missing dataset(s): duplicate_index", "warning"),
-])
+@pytest.mark.parametrize(
+    "edit, telltale, level",
+    [
+        (lambda f: f.__delitem__("offsets"), "missing dataset(s): offsets", "problem"),
+        (
+            lambda f: (f.__delitem__("skipped_reason"), f.create_dataset("skipped_reason", data=np.array([7]))),
+            "'skipped_reason' has dtype int64, not the declared utf-8",
+            "problem",
+        ),
+        # What an older ilias-ray did not write is a warning: `verify` passes, `verify --strict` does not.
+        (
+            lambda f: f.attrs.__delitem__("num_input_duplicates"),
+            "missing attribute(s): num_input_duplicates",
+            "warning",
+        ),
+        (lambda f: f.__delitem__("duplicate_index"), "missing dataset(s): duplicate_index", "warning"),
+    ],
+)
 def test_verify_checks_files_against_the_declaration(tmp_path, capsys, edit, telltale, level):
     path = committed(tmp_path)
     with h5py.File(path, "r+") as f:

@@ -15,10 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import one_line_error
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import one_line_error
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
 from ilias_ray.verify import verify
@@ -48,8 +48,10 @@ def bomb_jpeg(side: int = 20000) -> bytes:
     return bytes(raw)
 
 
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
-       b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")  # Pillow would run Ghostscript
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+    b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+)  # Pillow would run Ghostscript
 
 
 def png16() -> bytes:
@@ -185,8 +187,12 @@ def test_verify_passes_with_the_inputs_duplicates_as_warnings(hostile, capsys):
 
 def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_path, capsys):
     # As a real process too: one line on stderr, exit status 2, no traceback.
-    p = subprocess.run(CLI + ["extract", "--dataset_dir", str(tmp_path / "missing"), "--hdf5_dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        CLI + ["extract", "--dataset_dir", str(tmp_path / "missing"), "--hdf5_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is not a directory" in p.stderr
     check = lambda args: one_line_error(args, capsys)  # noqa: E731
     core = sample["core"]
@@ -196,7 +202,8 @@ def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_pat
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no inputs for --partition positives" in check(
-        base + ["--dataset_dir", str(empty), "--partition", "positives"])
+        base + ["--dataset_dir", str(empty), "--partition", "positives"]
+    )
     # One query without its box file, one with a malformed one.
     for name, box in (("nobox", None), ("badbox", "12 x 30\n")):
         d = tmp_path / name / "query"
@@ -213,10 +220,15 @@ def test_bad_folders_files_and_flags_fail_in_one_line_before_ray(sample, tmp_pat
     assert "1 listed file(s) not found" in err and "not/there.jpg" in err and "--skip_missing true" in err
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert "--hdf5_dir" in check(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(a_file / "sub")]
-                                 + base[3:])
-    for flag, value in (("--resolution", "0"), ("--batch_size", "-1"), ("--multiscale", "perhaps"),
-                        ("--partition", "everything"), ("--hdf5_compression", "12"), ("--start_tar", "x")):
+    assert "--hdf5_dir" in check(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(a_file / "sub")] + base[3:])
+    for flag, value in (
+        ("--resolution", "0"),
+        ("--batch_size", "-1"),
+        ("--multiscale", "perhaps"),
+        ("--partition", "everything"),
+        ("--hdf5_compression", "12"),
+        ("--start_tar", "x"),
+    ):
         assert flag in check(base + ["--dataset_dir", str(core), flag, value])
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
@@ -226,8 +238,16 @@ def test_skip_missing_records_the_missing_files(ray_cluster, sample, tmp_path):
     rel = query.relative_to(sample["core"]).as_posix()
     listed = tmp_path / "ids.txt"
     listed.write_text(f"not/there.jpg\n{rel}\n")
-    run(Config(dataset_dir=str(sample["core"]), hdf5_dir=str(tmp_path), partition="uned",
-               selected_ids=str(listed), skip_missing=True, **CNN))
+    run(
+        Config(
+            dataset_dir=str(sample["core"]),
+            hdf5_dir=str(tmp_path),
+            partition="uned",
+            selected_ids=str(listed),
+            skip_missing=True,
+            **CNN,
+        )
+    )
     got = read(tmp_path / "features_uned.hdf5")
     assert got["index"] == [rel] and got["skipped"] == {"not/there.jpg": "file not found"}
 
@@ -240,20 +260,37 @@ def test_full_disk_before_the_run_is_one_line(sample, tmp_path, monkeypatch, cap
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
-    rc = cli.main(["extract", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--model",
-                   "resnet18", "--pretrained", "false"])
+    rc = cli.main(
+        [
+            "extract",
+            "--dataset_dir",
+            str(sample["core"]),
+            "--hdf5_dir",
+            str(tmp_path),
+            "--model",
+            "resnet18",
+            "--pretrained",
+            "false",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "has only 1 MiB free" in err[0]
 
 
 def test_shipped_files_keep_servers_local_and_hold_no_credentials():
-    shipped = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".md", ".sh", ".toml",
-                                                                           ".txt", ".cfg")
-               and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
-               and "demo_output" not in p.parts]
+    shipped = [
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file()
+        and p.suffix in (".py", ".yaml", ".yml", ".md", ".sh", ".toml", ".txt", ".cfg")
+        and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+        and "demo_output" not in p.parts
+    ]
     text = {p: p.read_text(errors="replace") for p in shipped}
-    secrets = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]\s*\S+|BEGIN [A-Z ]*PRIVATE KEY|"
-                         r"(?i:password|api[_-]?key|secret)\s*[:=]\s*['\"][^'\"]{6,}['\"]|hf_[A-Za-z0-9]{30,}")
+    secrets = re.compile(
+        r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]\s*\S+|BEGIN [A-Z ]*PRIVATE KEY|"
+        r"(?i:password|api[_-]?key|secret)\s*[:=]\s*['\"][^'\"]{6,}['\"]|hf_[A-Za-z0-9]{30,}"
+    )
     for p, t in text.items():
         assert not secrets.search(t), f"{p} looks like it holds a credential"
         if p.suffix in (".yaml", ".yml", ".md", ".sh"):
@@ -261,4 +298,4 @@ def test_shipped_files_keep_servers_local_and_hold_no_credentials():
                 command = t[m.start() : m.start() + 300].split("ray start", 2)[1]  # up to the next command
                 assert re.search(r"--dashboard-host[= ]127\.0\.0\.1", command), f"{p}: {command}"
             assert not re.search(r"dashboard-host[=: \"']+0\.0\.0\.0", t), p
-    assert 'include_dashboard=False' in (ROOT / "ilias_ray" / "pipeline.py").read_text()
+    assert "include_dashboard=False" in (ROOT / "ilias_ray" / "pipeline.py").read_text()

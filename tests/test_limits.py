@@ -64,11 +64,18 @@ def cfg(transforms="RESIZE_LARGE", resolution=64, **over):
 def batch(rows: list) -> dict:
     """A decode-stage batch of (kind, data[, boxes]) rows, as the read stage makes them."""
     n = len(rows)
-    return {"seq": np.arange(n), "out": np.zeros(n, np.int32), "unit": np.zeros(n, np.int32),
-            "pos": np.arange(n), "id": np.array([f"r{i}" for i in range(n)], dtype=object),
-            "kind": np.array([r[0] for r in rows], np.int8), "data": preprocess.object_column([r[1] for r in rows]),
-            "note": np.array([""] * n, dtype=object), "off": np.zeros(n, np.int64),
-            "boxes": np.array([r[2] if len(r) > 2 else "" for r in rows], dtype=object)}
+    return {
+        "seq": np.arange(n),
+        "out": np.zeros(n, np.int32),
+        "unit": np.zeros(n, np.int32),
+        "pos": np.arange(n),
+        "id": np.array([f"r{i}" for i in range(n)], dtype=object),
+        "kind": np.array([r[0] for r in rows], np.int8),
+        "data": preprocess.object_column([r[1] for r in rows]),
+        "note": np.array([""] * n, dtype=object),
+        "off": np.zeros(n, np.int64),
+        "boxes": np.array([r[2] if len(r) > 2 else "" for r in rows], dtype=object),
+    }
 
 
 def decode(rows: list, **c) -> list:
@@ -91,10 +98,16 @@ def photo(w, h, seed=0) -> Image.Image:
 
 def png_header_only(w: int, h: int) -> bytes:
     """A PNG whose header says w x h (1-bit gray) and whose data is a few bytes: no pixels at all."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_claiming(w: int, h: int) -> bytes:
@@ -107,38 +120,47 @@ def jpeg_claiming(w: int, h: int) -> bytes:
 
 # ------------------------------------------------------------------ pixels over Pillow's limit
 
+
 @pytest.mark.parametrize("make", [png_header_only, jpeg_claiming])
 def test_over_pillows_limit_is_an_error_even_below_twice_it(make, guard):
     """10000x10000 is 1.1x Pillow's MAX_IMAGE_PIXELS: Pillow only warns there and then decodes.
     Here it is a skip with DecompressionBombError, decided from the header: nothing is loaded."""
     assert Image.MAX_IMAGE_PIXELS == 89478485 < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
-    (kind, note, px), = decode([(Kind.TAR_IMAGE, make(10000, 10000))])
+    ((kind, note, px),) = decode([(Kind.TAR_IMAGE, make(10000, 10000))])
     assert kind == Kind.SKIP and px.size == 0
-    assert note == ("decode failed: DecompressionBombError: Image size (100000000 pixels) exceeds limit "
-                    "of 89478485 pixels, could be decompression bomb DOS attack.")
+    assert note == (
+        "decode failed: DecompressionBombError: Image size (100000000 pixels) exceeds limit "
+        "of 89478485 pixels, could be decompression bomb DOS attack."
+    )
     assert guard["load"] == [] and guard["resize"] == []
     # Just under the limit is opened (here: a header with no pixel data, so it fails in the decoder).
     assert preprocess.MAX_SOURCE_PIXELS == Image.MAX_IMAGE_PIXELS  # Pillow's default, kept
-    side = int(preprocess.MAX_SOURCE_PIXELS ** 0.5)
-    (kind, note, _), = decode([(Kind.FILE_IMAGE, png_header_only(side, side))])
+    side = int(preprocess.MAX_SOURCE_PIXELS**0.5)
+    ((kind, note, _),) = decode([(Kind.FILE_IMAGE, png_header_only(side, side))])
     assert kind == Kind.SKIP and "DecompressionBomb" not in note and guard["load"] == [(side, side)], note
 
 
 # ------------------------------------------------------------------ sizes the transform would make
 
+
 def test_the_issues_1x50000_png_under_resize_small_is_a_skip_before_any_resize(guard):
     """The image that stalled a run: 1x50,000 at RESIZE_SMALL 512 would be 512x25,600,000."""
     data = encoded(photo(1, 50000), "PNG")
     for transforms in ("RESIZE_SMALL", "RESIZE_CENTER"):
-        (kind, note, px), = decode([(Kind.TAR_IMAGE, data)], transforms=transforms, resolution=512)
+        ((kind, note, px),) = decode([(Kind.TAR_IMAGE, data)], transforms=transforms, resolution=512)
         assert kind == Kind.SKIP and px.size == 0
-        assert note == (f"decode failed: ImageTooLarge: {transforms} at resolution 512 makes 1x50000 into "
-                        "512x25600000 (13107200000 pixels), over 64 x 512^2 = 16777216")
+        assert note == (
+            f"decode failed: ImageTooLarge: {transforms} at resolution 512 makes 1x50000 into "
+            "512x25600000 (13107200000 pixels), over 64 x 512^2 = 16777216"
+        )
     assert guard["resize"] == []  # nothing was resized: the size was refused first
     # The other transforms make it small: it is embedded as the reference does.
-    for transforms, shape in (("RESIZE_LARGE", (512, 1, 3)), ("RESIZE_PAD", (512, 1, 3)),
-                              ("RESIZE_SQUARE", (512, 512, 3))):
-        (kind, note, px), = decode([(Kind.TAR_IMAGE, data)], transforms=transforms, resolution=512)
+    for transforms, shape in (
+        ("RESIZE_LARGE", (512, 1, 3)),
+        ("RESIZE_PAD", (512, 1, 3)),
+        ("RESIZE_SQUARE", (512, 512, 3)),
+    ):
+        ((kind, note, px),) = decode([(Kind.TAR_IMAGE, data)], transforms=transforms, resolution=512)
         assert kind == Kind.IMAGE and px.shape == shape, (transforms, note)
 
 
@@ -148,30 +170,38 @@ def test_aspect_ratio_limit_is_64_to_1_under_shorter_side_resizes(transforms):
     over = encoded(photo(64 * 32 + 1, 32), "PNG")
     tall = encoded(photo(32, 64 * 32 + 1), "PNG")
     (k1, _, px), (k2, n2, _), (k3, n3, _) = decode(
-        [(Kind.TAR_IMAGE, at), (Kind.TAR_IMAGE, over), (Kind.FILE_IMAGE, tall)], transforms=transforms, resolution=64)
+        [(Kind.TAR_IMAGE, at), (Kind.TAR_IMAGE, over), (Kind.FILE_IMAGE, tall)], transforms=transforms, resolution=64
+    )
     assert k1 == Kind.IMAGE and px.shape == ((64, 4096, 3) if transforms == "RESIZE_SMALL" else (64, 64, 3))
     assert k2 == k3 == Kind.SKIP
-    assert n2 == (f"decode failed: ImageTooLarge: {transforms} at resolution 64 makes 2049x32 "
-                  "into 4098x64 (262272 pixels), over 64 x 64^2 = 262144")
+    assert n2 == (
+        f"decode failed: ImageTooLarge: {transforms} at resolution 64 makes 2049x32 "
+        "into 4098x64 (262272 pixels), over 64 x 64^2 = 262144"
+    )
     assert "makes 32x2049 into 64x4098 (262272 pixels)" in n3
 
 
 def test_output_and_crop_stay_within_pillows_limit_too(guard):
     # At resolution 1300, 64 x 1300^2 is over Pillow's limit, which then bounds the output instead:
     # 10x640 (64:1) would be 1300x83200, 108 M pixels.
-    (kind, note, _), = decode([(Kind.TAR_IMAGE, encoded(photo(10, 640), "PNG"))], transforms="RESIZE_SMALL",
-                              resolution=1300)
-    assert kind == Kind.SKIP and note == ("decode failed: ImageTooLarge: RESIZE_SMALL at resolution 1300 makes 10x640 "
-                                     "into 1300x83200 (108160000 pixels), over 89478485 (Pillow's limit)")
+    ((kind, note, _),) = decode(
+        [(Kind.TAR_IMAGE, encoded(photo(10, 640), "PNG"))], transforms="RESIZE_SMALL", resolution=1300
+    )
+    assert kind == Kind.SKIP and note == (
+        "decode failed: ImageTooLarge: RESIZE_SMALL at resolution 1300 makes 10x640 "
+        "into 1300x83200 (108160000 pixels), over 89478485 (Pillow's limit)"
+    )
     # --crop_resize with boxes reaching far past a small image's edges: the union is the crop.
     boxes = "[[0, 0, 10000, 10000]]"
-    (kind, note, _), = decode([(Kind.FILE_IMAGE, encoded(photo(40, 30), "JPEG"), boxes)], crop_resize=True)
-    assert kind == Kind.SKIP and note == ("decode failed: ImageTooLarge: the boxes' union 10000x10000 is over 89478485 "
-                                     "pixels (Pillow's limit)")
+    ((kind, note, _),) = decode([(Kind.FILE_IMAGE, encoded(photo(40, 30), "JPEG"), boxes)], crop_resize=True)
+    assert kind == Kind.SKIP and note == (
+        "decode failed: ImageTooLarge: the boxes' union 10000x10000 is over 89478485 pixels (Pillow's limit)"
+    )
     assert guard["resize"] == [] and guard["crop"] == []
     # Boxes inside the image crop and resize as before.
-    (kind, note, px), = decode([(Kind.FILE_IMAGE, encoded(photo(40, 30), "JPEG"), "[[2, 3, 20, 10]]")],
-                               crop_resize=True)
+    ((kind, note, px),) = decode(
+        [(Kind.FILE_IMAGE, encoded(photo(40, 30), "JPEG"), "[[2, 3, 20, 10]]")], crop_resize=True
+    )
     assert kind == Kind.IMAGE and px.shape == (32, 64, 3) and guard["crop"] == [(20, 10)]
 
 
@@ -186,9 +216,12 @@ def test_transform_sizes_match_what_resize_makes():
 
 # ------------------------------------------------------------------ formats
 
+
 def eps() -> bytes:
-    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
-            b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+    return (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+        b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+    )
 
 
 def test_eps_is_not_opened_and_runs_no_program(monkeypatch):
@@ -225,6 +258,7 @@ def test_allowed_formats_decode_to_the_same_pixels(fmt):
 
 # ------------------------------------------------------------------ text queries
 
+
 def test_text_that_is_not_utf8_or_too_large_is_a_skip():
     ok = "a photo of the Eiffel tower, at night ✓".encode()
     biggest = b"x" * 65536  # MAX_TEXT_BYTES
@@ -232,8 +266,12 @@ def test_text_that_is_not_utf8_or_too_large_is_a_skip():
     out = preprocess.decode_batch(batch(rows), cfg())
     assert out["kind"].tolist() == [Kind.TEXT, Kind.SKIP, Kind.SKIP, Kind.TEXT, Kind.TEXT]
     assert out["note"].tolist() == [
-        "", "text is not valid UTF-8: 'utf-8' codec can't decode byte 0xe9 in position 3: invalid continuation byte",
-        "text too large: 65537 bytes, over 65536", "", ""]
+        "",
+        "text is not valid UTF-8: 'utf-8' codec can't decode byte 0xe9 in position 3: invalid continuation byte",
+        "text too large: 65537 bytes, over 65536",
+        "",
+        "",
+    ]
     # Rows that go on are unchanged; skipped ones drop their bytes (the model stage never sees them).
     assert [bytes(d) for d in out["data"]] == [ok, b"", b"", biggest, b""]
     assert preprocess.MAX_TEXT_BYTES == len(biggest)
@@ -254,13 +292,21 @@ def test_bad_text_queries_are_recorded_skips_not_a_failed_run(ray_cluster, tmp_p
     (q / "T002.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1
     (q / "T003.txt").write_bytes(b"word " * 20_000)  # 100,000 bytes
     (q / "T004.txt").write_text("une tour Eiffel, la nuit", encoding="utf-8")
-    run(Config(dataset_dir=str(tmp_path / "data"), hdf5_dir=str(tmp_path / "out"), partition="text_queries",
-               framework="text", model="RN50.openai", pretrained=False))
+    run(
+        Config(
+            dataset_dir=str(tmp_path / "data"),
+            hdf5_dir=str(tmp_path / "out"),
+            partition="text_queries",
+            framework="text",
+            model="RN50.openai",
+            pretrained=False,
+        )
+    )
     with h5py.File(tmp_path / "out" / "features_text_queries.hdf5", "r") as f:
         assert list(f["index"].asstr()[()]) == ["inst1/query/T001.txt", "inst1/query/T004.txt"]
         assert np.isfinite(f["features"][()].astype(np.float32)).all()
         assert dict(zip(f["skipped_index"].asstr()[()], f["skipped_reason"].asstr()[()])) == {
             "inst1/query/T002.txt": "text is not valid UTF-8: 'utf-8' codec can't decode byte 0xe9 in position 3: "
-                                    "invalid continuation byte",
+            "invalid continuation byte",
             "inst1/query/T003.txt": "text too large: 100000 bytes, over 65536",
         }

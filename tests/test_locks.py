@@ -16,8 +16,9 @@ CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 
 
 def start(args, env=None):
-    return subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def wait_for(cond, proc, timeout=240):
@@ -43,11 +44,18 @@ def kill(proc):
     proc.wait()
 
 
-def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_block(ray_cluster, sample, tmp_path,
-                                                                                   uninterrupted):
+def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_block(
+    ray_cluster, sample, tmp_path, uninterrupted
+):
     out = tmp_path / "out"
-    args = ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
-            "--address", ray_cluster.get_runtime_context().gcs_address] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    args = [
+        "--dataset_dir",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        str(out),
+        "--address",
+        ray_cluster.get_runtime_context().gcs_address,
+    ] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
     first = start(args)
     parts = out / (uninterrupted.name + ".parts")
     wait_for(lambda: parts.is_dir(), first)  # it holds the lock and has started writing
@@ -59,14 +67,21 @@ def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_blo
     assert (out / uninterrupted.name).exists() and not (out / (uninterrupted.name + ".lock")).exists()
 
 
-def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_block(ray_cluster, s3_server, sample,
-                                                                                    tmp_path):
+def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_block(
+    ray_cluster, s3_server, sample, tmp_path
+):
     make_bucket("out-lock")
     from ilias_ray.sample import build_sample  # noqa: F401 - the sample fixture made the shards already
 
     env = dict(os.environ, ILIAS_RAY_LEASE_S="6")  # renewed every 2 s; a dead lease is taken after 6 s
-    args = ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", "s3://out-lock/f",
-            "--address", ray_cluster.get_runtime_context().gcs_address] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    args = [
+        "--dataset_dir",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        "s3://out-lock/f",
+        "--address",
+        ray_cluster.get_runtime_context().gcs_address,
+    ] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
     first = start(args, env)
     wait_for(lambda: "features_distractors_00000.hdf5.lock" in listing("out-lock/f"), first)
     t = time.time()

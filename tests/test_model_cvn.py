@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from stages import embedder
 
 import ilias_ray.models
 from ilias_ray.config import Config, UserError
 from ilias_ray.models import check, cvn
+from stages import embedder
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
 PIXELS = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -48,9 +48,21 @@ def test_names_and_spec():
 
 def test_architecture_names_match_the_release_layout():
     keys = cvn.CVNetGlobal(101).state_dict().keys()
-    for k in ("stem.conv.weight", "stem.bn.running_var", "s1.b1.proj.weight", "s1.b1.bn.weight",
-              "s1.b1.f.a.weight", "s1.b1.f.a_bn.bias", "s1.b1.f.b.weight", "s1.b1.f.c_bn.running_mean",
-              "s3.b23.f.c.weight", "s4.b3.f.c_bn.weight", "head.pool.p", "head.fc.weight", "head.fc.bias"):
+    for k in (
+        "stem.conv.weight",
+        "stem.bn.running_var",
+        "s1.b1.proj.weight",
+        "s1.b1.bn.weight",
+        "s1.b1.f.a.weight",
+        "s1.b1.f.a_bn.bias",
+        "s1.b1.f.b.weight",
+        "s1.b1.f.c_bn.running_mean",
+        "s3.b23.f.c.weight",
+        "s4.b3.f.c_bn.weight",
+        "head.pool.p",
+        "head.fc.weight",
+        "head.fc.bias",
+    ):
         assert k in keys, k
     assert "s1.b2.proj.weight" not in keys and "s3.b24.f.a.weight" not in keys
     m = cvn.CVNetGlobal(50)
@@ -173,8 +185,9 @@ def test_superglobal_math_independently():
         m.superglobal = False
         m.head.pool.p.fill_(3.0)
         g = x4.flatten(2).pow(3.0).mean(-1).pow(1 / 3.0)
-        torch.testing.assert_close(m.descriptor(x4), F.linear(g, m.head.fc.weight, m.head.fc.bias),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            m.descriptor(x4), F.linear(g, m.head.fc.weight, m.head.fc.bias), rtol=1e-4, atol=1e-5
+        )
 
 
 def block_out(w_in, w_out, w_b, x):

@@ -10,19 +10,30 @@ refused for a CNN.
 from __future__ import annotations
 
 import pytest
-import stages
 import torch
-from reference import CNN, IMAGENET_MEAN, IMAGENET_STD, VIT, embedder, make_cfg, rng_pixels
 
+import stages
 from ilias_ray.models import timm_models
+from reference import CNN, IMAGENET_MEAN, IMAGENET_STD, VIT, embedder, make_cfg, rng_pixels
 
 
 def test_model_name_rules():
-    for n in ["vit_large_patch14_clip_336.openai", "convnext_large_mlp.clip_laion2b_ft_soup_320",
-              "eva02_large_patch14_clip_336.merged2b", "vit_pe_core_base_patch16_224.fb", "RN50_clip"]:
+    for n in [
+        "vit_large_patch14_clip_336.openai",
+        "convnext_large_mlp.clip_laion2b_ft_soup_320",
+        "eva02_large_patch14_clip_336.merged2b",
+        "vit_pe_core_base_patch16_224.fb",
+        "RN50_clip",
+    ]:
         assert timm_models.keeps_head(n), n
-    for n in ["vit_large_patch16_siglip_384.webli", "resnet50", "vit_base_patch14_dinov2.lvd142m",
-              "convnext_base", VIT, CNN]:
+    for n in [
+        "vit_large_patch16_siglip_384.webli",
+        "resnet50",
+        "vit_base_patch14_dinov2.lvd142m",
+        "convnext_base",
+        VIT,
+        CNN,
+    ]:
         assert not timm_models.keeps_head(n), n
     for n in ["vit_base_patch16_224", "eva02_large_patch14_clip_336", "deit_small_patch16_224", "test_vit"]:
         assert timm_models.is_vit(n), n

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 import timm
-from timm.layers import resample_abs_pos_embed
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 import ilias_ray.models
 from ilias_ray.config import Config, UserError
@@ -37,8 +37,9 @@ def frameworks(monkeypatch):
 
 
 def cfg(fw, model, **kw):
-    return dict(BASE, **{"framework": fw, "model": model, "pretrained": False, "pooling": "head", "resolution": 100,
-                         **kw})
+    return dict(
+        BASE, **{"framework": fw, "model": model, "pretrained": False, "pooling": "head", "resolution": 100, **kw}
+    )
 
 
 def normed(pixels, mean, std):
@@ -48,12 +49,20 @@ def normed(pixels, mean, std):
 
 # ---------------------------------------------------------------------------------------- UNIC
 
+
 def tiny_encoder(reg: bool, seed: int):
     """A 2-block ViT-S/14 at 56 px in timm (with registers and layer scale for reg)."""
     torch.manual_seed(seed)
     name = "vit_small_patch14_reg4_dinov2" if reg else "vit_small_patch14_dinov2"
-    m = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=56, depth=2,
-                          init_values=1e-5 if reg else None).eval()
+    m = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        img_size=56,
+        depth=2,
+        init_values=1e-5 if reg else None,
+    ).eval()
     with torch.no_grad():  # a class token that starts at 0 pools every patch: its output depends on them all
         m.pos_embed.normal_(0, 1)
         m.cls_token.zero_()
@@ -125,8 +134,9 @@ def test_unic_release_checkpoint_reproduces_the_encoder(tmp_path, reg):
         square = torch.randint(0, 256, (2, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
         want = F.normalize(src.forward_features(normed(square, IMAGENET_MEAN, IMAGENET_STD))[:, 0], dim=-1)
         torch.testing.assert_close(emb.embed_pixels(square), want, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(dinov2_cls(src, enc, normed(square, IMAGENET_MEAN, IMAGENET_STD)), want,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            dinov2_cls(src, enc, normed(square, IMAGENET_MEAN, IMAGENET_STD)), want, rtol=1e-4, atol=1e-5
+        )
         # 75x101 -> 84x112 (6x8 patches): DINOv2's resize of the position table, not timm's
         x = pad_to_multiple(normed(PIXELS, IMAGENET_MEAN, IMAGENET_STD), 14)
         assert x.shape[-2:] == (84, 112)
@@ -179,18 +189,27 @@ def test_unic_errors_name_the_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ hf
 
+
 def tiny_hf(kind: str, seed: int):
     import transformers
 
     torch.manual_seed(seed)
-    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99,
-                max_position_embeddings=16)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=16)
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=99,
+        max_position_embeddings=16,
+    )
+    vision = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16
+    )
     if kind == "siglip":
         return transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
-    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                                          projection_dim=24)).eval()
+    return transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    ).eval()
 
 
 def image_features(model, x, **kw):
@@ -198,8 +217,10 @@ def image_features(model, x, **kw):
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
-@pytest.mark.parametrize("kind,name,prefix,dim", [("siglip", "google/siglip-base-patch16-224", 0, 32),
-                                                  ("clip", "openai/clip-vit-base-patch16", 1, 24)])
+@pytest.mark.parametrize(
+    "kind,name,prefix,dim",
+    [("siglip", "google/siglip-base-patch16-224", 0, 32), ("clip", "openai/clip-vit-base-patch16", 1, 24)],
+)
 def test_hf_checkpoint_dir_reproduces_get_image_features(tmp_path, kind, name, prefix, dim):
     model = tiny_hf(kind, seed=7)
     model.save_pretrained(tmp_path / kind)
@@ -220,7 +241,8 @@ def test_hf_checkpoint_dir_reproduces_get_image_features(tmp_path, kind, name, p
         seen = []
         tower = emb.bb.model
         hook = next(m for m in tower.modules() if hasattr(m, "position_embedding")).register_forward_hook(
-            lambda mod, inp, out: seen.append(out))
+            lambda mod, inp, out: seen.append(out)
+        )
         f = emb.embed_pixels(PIXELS)
         hook.remove()
         assert len(seen) == 1 and seen[0].shape == (2, 5 * 7 + prefix, 32)
@@ -265,8 +287,9 @@ def test_hf_names_and_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="directory written by save_pretrained"):
         hf.build("openai/clip-vit-base-patch16", checkpoint=str(tmp_path / "w.safetensors"), pretrained=False)
     # A model whose code lives in the hub repo is refused, never run.
-    (tmp_path / "sub" / "config.json").write_text(json.dumps(
-        {"model_type": "not_in_transformers", "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    (tmp_path / "sub" / "config.json").write_text(
+        json.dumps({"model_type": "not_in_transformers", "auto_map": {"AutoModel": "modeling_x.XModel"}})
+    )
     with pytest.raises(UserError, match="cannot read the model config"):
         hf.build("openai/clip-vit-base-patch16", checkpoint=str(tmp_path / "sub"), pretrained=False)
     src = open(hf.__file__).read()
@@ -303,6 +326,12 @@ print("ok")
 """
     env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]

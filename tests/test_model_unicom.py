@@ -12,15 +12,20 @@ import torch.nn.functional as F
 
 import ilias_ray.models
 from ilias_ray.config import Config, UserError
-from ilias_ray.models import OPENAI_MEAN, OPENAI_STD, check
-from ilias_ray.models import unicom
+from ilias_ray.models import OPENAI_MEAN, OPENAI_STD, check, unicom
 from stages import embedder
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
 PIXELS = torch.randint(0, 256, (2, 75, 101, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 POOLINGS = ("head", "gap", "mac", "gem", "rmac", "rgem", "local")
-NAMES = ("unicom_vit_base_patch16_224", "unicom_vit_large_patch14_224", "unicom_vit_large_patch14_336",
-         "unicom_vit_base_patch16_sop", "unicom_vit_base_patch16_gldv2", "unicom_vit_base_patch32_224")
+NAMES = (
+    "unicom_vit_base_patch16_224",
+    "unicom_vit_large_patch14_224",
+    "unicom_vit_large_patch14_336",
+    "unicom_vit_base_patch16_sop",
+    "unicom_vit_base_patch16_gldv2",
+    "unicom_vit_base_patch32_224",
+)
 
 
 @pytest.fixture
@@ -71,8 +76,13 @@ def test_embeds_every_pooling(registered, name):
     for p in POOLINGS:
         emb.pooling = p
         # check() asks for --checkpoint whenever a model has no public weights, even with --pretrained false.
-        check("unicom", name, pooling=p, checkpoint=None if name.endswith("_224") else "ViT_B_16_GLDv2.pt",
-              pretrained=False)
+        check(
+            "unicom",
+            name,
+            pooling=p,
+            checkpoint=None if name.endswith("_224") else "ViT_B_16_GLDv2.pt",
+            pretrained=False,
+        )
         f = emb.embed_pixels(PIXELS)
         assert torch.isfinite(f).all(), p
         torch.testing.assert_close(f.norm(dim=-1), torch.ones(f.shape[:-1]), rtol=0, atol=1e-4)
@@ -118,24 +128,29 @@ def reference_head(sd, t, h, w, side):
     # Adaptive average pooling by hand: output cell i covers [floor(i*H/S), ceil((i+1)*H/S)).
     rows = [(i * h // side, -(-(i + 1) * h // side)) for i in range(side)]
     cols = [(j * w // side, -(-(j + 1) * w // side)) for j in range(side)]
-    pooled = torch.stack([torch.stack([grid[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for c0, c1 in cols], -1)
-                          for r0, r1 in rows], -2)  # (b, d, side, side)
+    pooled = torch.stack(
+        [torch.stack([grid[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for c0, c1 in cols], -1) for r0, r1 in rows], -2
+    )  # (b, d, side, side)
     flat = pooled.reshape(b, d, side * side).permute(0, 2, 1).reshape(b, -1)
 
     def bn(z, pre):
-        return (z - sd[pre + ".running_mean"]) / torch.sqrt(sd[pre + ".running_var"] + 2e-5) * sd[pre + ".weight"] \
-            + sd[pre + ".bias"]
+        return (z - sd[pre + ".running_mean"]) / torch.sqrt(sd[pre + ".running_var"] + 2e-5) * sd[pre + ".weight"] + sd[
+            pre + ".bias"
+        ]
 
     z = bn(flat @ sd["feature.0.weight"].T, "feature.1")
     return bn(z @ sd["feature.2.weight"].T, "feature.3")
 
 
-@pytest.mark.parametrize("name,patch,emb_dim,sizes", [
-    # the training grid itself (identity resize of pos_embed, identity pooling)
-    ("unicom_vit_base_patch32_224", 32, 512, [(224, 224)]),
-    # 15x8 grid: pooled down to 14 rows, up to 14 columns
-    ("unicom_vit_base_patch16_224", 16, 768, [(240, 128)]),
-])
+@pytest.mark.parametrize(
+    "name,patch,emb_dim,sizes",
+    [
+        # the training grid itself (identity resize of pos_embed, identity pooling)
+        ("unicom_vit_base_patch32_224", 32, 512, [(224, 224)]),
+        # 15x8 grid: pooled down to 14 rows, up to 14 columns
+        ("unicom_vit_base_patch16_224", 16, 768, [(240, 128)]),
+    ],
+)
 def test_head_matches_independent_recomputation(name, patch, emb_dim, sizes):
     bb = unicom.build(name, pretrained=False)
     m = bb.model
@@ -170,8 +185,16 @@ def test_fp16_checkpoint_with_prefixes(registered, tmp_path):
     # The released-file situation: fp16 values, torch.compile's `_orig_mod.` prefix (here under DDP's
     # `module.`), and no BatchNorm step counters.
     path = tmp_path / "ViT_B_32_finetune.pt"
-    torch.save({"state_dict": {f"module._orig_mod.{k}": (v.half() if v.is_floating_point() else v)
-                               for k, v in sd.items() if "num_batches_tracked" not in k}}, path)
+    torch.save(
+        {
+            "state_dict": {
+                f"module._orig_mod.{k}": (v.half() if v.is_floating_point() else v)
+                for k, v in sd.items()
+                if "num_batches_tracked" not in k
+            }
+        },
+        path,
+    )
     loaded = embedder(cfg(name, pooling="head", checkpoint=str(path)))
     for pooling in ("head", "gem"):
         random.pooling = loaded.pooling = pooling
@@ -222,8 +245,11 @@ def test_sha256_is_verified_without_network(tmp_path, monkeypatch):
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in random.items()}
     good = tmp_path / "release.pt"
     torch.save(sd, good)
-    monkeypatch.setitem(unicom.MODELS, name, dataclasses.replace(
-        unicom.MODELS[name], sha256=hashlib.sha256(good.read_bytes()).hexdigest()))
+    monkeypatch.setitem(
+        unicom.MODELS,
+        name,
+        dataclasses.replace(unicom.MODELS[name], sha256=hashlib.sha256(good.read_bytes()).hexdigest()),
+    )
 
     def good_download(url, dst, *a, **kw):
         downloads.append(url)

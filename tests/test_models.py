@@ -12,9 +12,9 @@ import torchvision
 from safetensors.torch import save_file
 
 from ilias_ray.config import Config, UserError
-from ilias_ray.preprocess import object_column as objects
 from ilias_ray.models import IMAGENET_MEAN, IMAGENET_STD, check, framework
 from ilias_ray.models.table import benchmark_rows
+from ilias_ray.preprocess import object_column as objects
 from stages import embedder
 
 BASE = dataclasses.asdict(Config(dataset_dir=".", hdf5_dir="."))
@@ -73,7 +73,8 @@ def test_checkpoints_reproduce_features(tmp_path):
     torch.manual_seed(5)
     ref = torchvision.models.alexnet().eval()
     t = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        IMAGENET_STD).view(1, 3, 1, 1)
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
     with torch.no_grad():
         fmap = ref.features(t)
         want_head = torch.nn.functional.normalize(ref.classifier[:6](torch.flatten(ref.avgpool(fmap), 1)), dim=-1)
@@ -90,8 +91,10 @@ def test_checkpoints_reproduce_features(tmp_path):
     released["module.base_encoder.fc.0.weight"] = torch.zeros(4096, 2048)  # the MLP projector
     released["module.predictor.0.weight"] = torch.zeros(4096, 256)
     torch.save({"state_dict": released, "epoch": 1000}, tmp_path / "r-50-1000ep.pth.tar")
-    torch.testing.assert_close(features(cfg("fb", "mocov3_resnet50")),
-                               features(cfg("fb", "mocov3_resnet50", checkpoint=str(tmp_path / "r-50-1000ep.pth.tar"))))
+    torch.testing.assert_close(
+        features(cfg("fb", "mocov3_resnet50")),
+        features(cfg("fb", "mocov3_resnet50", checkpoint=str(tmp_path / "r-50-1000ep.pth.tar"))),
+    )
 
 
 def test_dinov2_reg_original_key_names_load_through_timm(tmp_path):
@@ -106,8 +109,10 @@ def test_dinov2_reg_original_key_names_load_through_timm(tmp_path):
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(original, path)
     for pooling in ("head", "gap"):
-        torch.testing.assert_close(features(cfg("fb", "dinov2_vits14_reg", pooling=pooling)),
-                                   features(cfg("fb", "dinov2_vits14_reg", pooling=pooling, checkpoint=str(path))))
+        torch.testing.assert_close(
+            features(cfg("fb", "dinov2_vits14_reg", pooling=pooling)),
+            features(cfg("fb", "dinov2_vits14_reg", pooling=pooling, checkpoint=str(path))),
+        )
 
 
 def test_open_clip_checkpoint(tmp_path):
@@ -175,21 +180,31 @@ def test_remote_code_only_behind_the_flag(tmp_path, monkeypatch):
     framework("fb").build("swav", pretrained=True, trust_remote_code=True)
     assert calls == [("facebookresearch/swav:main", "resnet50", True)]
     # Nothing else in the package calls torch.hub.load or unpickles without weights_only=True.
-    src = subprocess.run(["grep", "-rn", r"torch\.hub\.load(\|torch\.load(", "ilias_ray"], capture_output=True,
-                         text=True).stdout.splitlines()
+    src = subprocess.run(
+        ["grep", "-rn", r"torch\.hub\.load(\|torch\.load(", "ilias_ray"], capture_output=True, text=True
+    ).stdout.splitlines()
     assert all("fb.py" in ln and "trust_repo=trust_remote_code" in ln or "weights_only=True" in ln for ln in src), src
 
 
 def test_models_command_lists_the_benchmark_table():
-    out = subprocess.run([sys.executable, "-m", "ilias_ray", "models"], capture_output=True, text=True,
-                         timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-m", "ilias_ray", "models"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     rows = benchmark_rows()
     assert len(rows) > 60
     for r in rows:
         assert r["model"] in out.stdout
-    p = subprocess.run([sys.executable, "-m", "ilias_ray", "models", "--framework", "timm", "--model",
-                        "vit_tiny_patch16_224x"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "ilias_ray", "models", "--framework", "timm", "--model", "vit_tiny_patch16_224x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "nearest: vit_tiny_patch16_224" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 
@@ -218,7 +233,8 @@ def test_models_without_public_hub_names_load_user_checkpoints(tmp_path):
     torch.save(vit.state_dict(), path)
     got = features(cfg("hier", "dino_vit16_patch16_224_sop", checkpoint=str(path)))
     x = (PIXELS.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        IMAGENET_STD).view(1, 3, 1, 1)
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
     x = torch.nn.functional.pad(x, (5, 6, 2, 3))  # 75 x 101 -> 80 x 112, left = pad // 2
     vit_dyn = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=128, dynamic_img_size=True)
     vit_dyn.load_state_dict(vit.state_dict())
@@ -237,8 +253,13 @@ def test_hub_cache_and_offline_mode_are_honoured(tmp_path, vit_checkpoint):
     (snap / "snapshots" / ("0" * 40)).mkdir(parents=True)
     (snap / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(vit_checkpoint.read_bytes())
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "ilias_ray", "models", "--framework", "timm", "--model", VIT],
-                       capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "ilias_ray", "models", "--framework", "timm", "--model", VIT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert "yes (weights cached)" in p.stdout, p.stdout + p.stderr
     code = (
         "import dataclasses, torch; from ilias_ray.config import Config; from ilias_ray.embed import Embedder;"
@@ -252,9 +273,24 @@ def test_hub_cache_and_offline_mode_are_honoured(tmp_path, vit_checkpoint):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert p.stdout.strip() == "same", p.stderr[-2000:]
     empty = dict(env, HF_HOME=str(tmp_path / "nothing"))
-    p = subprocess.run([sys.executable, "-m", "ilias_ray", "extract", "--dataset_dir", str(tmp_path),
-                        "--hdf5_dir", str(tmp_path / "out"), "--model", VIT], capture_output=True, text=True,
-                       timeout=120, env=empty)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ilias_ray",
+            "extract",
+            "--dataset_dir",
+            str(tmp_path),
+            "--hdf5_dir",
+            str(tmp_path / "out"),
+            "--model",
+            VIT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=empty,
+    )
     assert p.returncode == 2 and "not in the local cache and HF_HUB_OFFLINE=1" in p.stderr
     assert f"timm/{VIT}" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
@@ -274,7 +310,8 @@ def test_fb_dino_position_embeddings_resize_like_the_originals():
     ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=(84, 112))
     ref.load_state_dict(sd)
     x = (PIXELS.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        IMAGENET_STD).view(1, 3, 1, 1)
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
     x = torch.nn.functional.pad(x, (5, 6, 4, 5))
     with torch.no_grad():
         want = torch.nn.functional.normalize(ref.eval()(x), dim=-1)
@@ -291,11 +328,21 @@ def test_weights_load_once_per_actor(monkeypatch):
     monkeypatch.setattr(embed_mod, "build", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     emb = embedder(cfg("timm", "resnet18"))
     img = np.zeros((20, 30, 3), np.uint8)
-    batch = {"seq": np.arange(3), "out": np.zeros(3, np.int32), "unit": np.zeros(3, np.int32), "pos": np.arange(3),
-             "id": np.array(["a", "b", "c"], dtype=object), "kind": np.full(3, 5, np.int8),
-             "note": np.array([""] * 3, dtype=object), "off": np.zeros(3), "h": np.full(3, 20), "w": np.full(3, 30),
-             "img": objects([img] * 3), "mask": objects([np.zeros((0, 0), np.uint8)] * 3),
-             "data": np.array([b""] * 3, dtype=object)}
+    batch = {
+        "seq": np.arange(3),
+        "out": np.zeros(3, np.int32),
+        "unit": np.zeros(3, np.int32),
+        "pos": np.arange(3),
+        "id": np.array(["a", "b", "c"], dtype=object),
+        "kind": np.full(3, 5, np.int8),
+        "note": np.array([""] * 3, dtype=object),
+        "off": np.zeros(3),
+        "h": np.full(3, 20),
+        "w": np.full(3, 30),
+        "img": objects([img] * 3),
+        "mask": objects([np.zeros((0, 0), np.uint8)] * 3),
+        "data": np.array([b""] * 3, dtype=object),
+    }
     for _ in range(3):
         out = emb(batch)
     assert calls == [1] and len(out["feat"][0]) == 512 * 2  # fp16
@@ -307,11 +354,21 @@ def test_out_of_memory_halves_the_batch_and_remembers(monkeypatch):
     emb = embedder(cfg("timm", "resnet18", batch_size=16))
     ref = embedder(cfg("timm", "resnet18", batch_size=16))
     imgs = torch.randint(0, 256, (10, 20, 30, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    batch = {"seq": np.arange(10), "out": np.zeros(10, np.int32), "unit": np.zeros(10, np.int32),
-             "pos": np.arange(10), "id": np.array([str(i) for i in range(10)], dtype=object),
-             "kind": np.full(10, 5, np.int8), "note": np.array([""] * 10, dtype=object), "off": np.zeros(10),
-             "h": np.full(10, 20), "w": np.full(10, 30), "img": objects([im.numpy() for im in imgs]),
-             "mask": objects([np.zeros((0, 0), np.uint8)] * 10), "data": np.array([b""] * 10, dtype=object)}
+    batch = {
+        "seq": np.arange(10),
+        "out": np.zeros(10, np.int32),
+        "unit": np.zeros(10, np.int32),
+        "pos": np.arange(10),
+        "id": np.array([str(i) for i in range(10)], dtype=object),
+        "kind": np.full(10, 5, np.int8),
+        "note": np.array([""] * 10, dtype=object),
+        "off": np.zeros(10),
+        "h": np.full(10, 20),
+        "w": np.full(10, 30),
+        "img": objects([im.numpy() for im in imgs]),
+        "mask": objects([np.zeros((0, 0), np.uint8)] * 10),
+        "data": np.array([b""] * 10, dtype=object),
+    }
     want = ref(batch)["feat"]
     monkeypatch.setenv("ILIAS_RAY_TESTING", "1")
     monkeypatch.setenv("ILIAS_RAY_FAULT", "forward:oom>3")  # any forward pass of more than 3 images "runs out"

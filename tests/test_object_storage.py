@@ -16,13 +16,13 @@ import time
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from conftest import KILL_OPTS, VIT, one_line_error
-from s3 import CuttingProxy, deny_reads, endpoint_query, listing, make_bucket, upload
 
+from conftest import KILL_OPTS, VIT, one_line_error
 from ilias_ray import cli
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
 from ilias_ray.storage import Location, child, redact
+from s3 import CuttingProxy, deny_reads, endpoint_query, listing, make_bucket, upload
 
 CLI = [sys.executable, "-m", "ilias_ray"]
 SMALL = dict(model=VIT, pretrained=False, resolution=64, batch_size=8, webdl_batch_size=8)
@@ -42,16 +42,26 @@ def bucket(s3_server, sample, tmp_path_factory):
     uned = lists / "uned.txt"
     uned.write_text("\n".join(files[::-3]) + "\n", encoding="utf-8")  # not sorted, non-ASCII names included
     upload(uned, "ilias-in/lists/uned.txt")
-    return {"core": "s3://ilias-in/core", "yfcc": "s3://ilias-in/yfcc", "keys": "s3://ilias-in/lists/keys.txt",
-            "keys_local": str(ids), "uned": "s3://ilias-in/lists/uned.txt", "uned_local": str(uned)}
+    return {
+        "core": "s3://ilias-in/core",
+        "yfcc": "s3://ilias-in/yfcc",
+        "keys": "s3://ilias-in/lists/keys.txt",
+        "keys_local": str(ids),
+        "uned": "s3://ilias-in/lists/uned.txt",
+        "uned_local": str(uned),
+    }
 
 
 def read(path_or_loc) -> dict:
     loc = path_or_loc if isinstance(path_or_loc, Location) else Location.of(str(path_or_loc))
     with loc.open_hdf5() as f:
-        return {"index": list(f["index"].asstr()[()]), "features": f["features"][()],
-                "skipped": list(f["skipped_index"].asstr()[()]), "reasons": list(f["skipped_reason"].asstr()[()]),
-                "attrs": {k: f.attrs[k] for k in f.attrs}}
+        return {
+            "index": list(f["index"].asstr()[()]),
+            "features": f["features"][()],
+            "skipped": list(f["skipped_index"].asstr()[()]),
+            "reasons": list(f["skipped_reason"].asstr()[()]),
+            "attrs": {k: f.attrs[k] for k in f.attrs},
+        }
 
 
 def assert_same_rows(a: dict, b: dict) -> None:
@@ -73,12 +83,26 @@ def test_each_partition_from_a_bucket_equals_local_files(ray_cluster, sample, bu
     """Inputs in the bucket, outputs in another bucket: the files equal a run on local copies."""
     key, opts, ids = RUNS[partition]
     opts = dict(SMALL, **opts)
-    local = run(Config(dataset_dir=str(sample[key]), hdf5_dir=str(tmp_path), partition=partition,
-                       selected_ids=bucket[f"{ids}_local"] if ids else None, **opts))
+    local = run(
+        Config(
+            dataset_dir=str(sample[key]),
+            hdf5_dir=str(tmp_path),
+            partition=partition,
+            selected_ids=bucket[f"{ids}_local"] if ids else None,
+            **opts,
+        )
+    )
     make_bucket(f"out-{partition.replace('_', '-')}")
     out = f"s3://out-{partition.replace('_', '-')}/features"
-    remote = run(Config(dataset_dir=bucket[key], hdf5_dir=out, partition=partition,
-                        selected_ids=bucket[ids] if ids else None, **opts))
+    remote = run(
+        Config(
+            dataset_dir=bucket[key],
+            hdf5_dir=out,
+            partition=partition,
+            selected_ids=bucket[ids] if ids else None,
+            **opts,
+        )
+    )
     assert remote["written"] == local["written"] and remote["rows"] == local["rows"] > 0
     for name in local["written"]:
         assert_same_rows(read(Location.of(out) / name), read(tmp_path / name))
@@ -89,10 +113,24 @@ def test_ids_and_checkpoint_from_a_bucket(ray_cluster, sample, bucket, vit_check
     """--selected_ids and --checkpoint as URIs: the same file as with local copies."""
     ckpt = upload(vit_checkpoint, "ilias-in/weights/vit.safetensors")
     opts = dict(SMALL, pretrained=True, partition="distractors")
-    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(tmp_path / "a"), checkpoint=str(vit_checkpoint),
-               selected_ids=bucket["keys_local"], **opts))
-    run(Config(dataset_dir=bucket["yfcc"], hdf5_dir=str(tmp_path / "b"), checkpoint=ckpt, selected_ids=bucket["keys"],
-               **opts))
+    run(
+        Config(
+            dataset_dir=str(sample["yfcc"]),
+            hdf5_dir=str(tmp_path / "a"),
+            checkpoint=str(vit_checkpoint),
+            selected_ids=bucket["keys_local"],
+            **opts,
+        )
+    )
+    run(
+        Config(
+            dataset_dir=bucket["yfcc"],
+            hdf5_dir=str(tmp_path / "b"),
+            checkpoint=ckpt,
+            selected_ids=bucket["keys"],
+            **opts,
+        )
+    )
     name = "features_distractors_00000.hdf5"
     a, b = read(tmp_path / "a" / name), read(tmp_path / "b" / name)
     assert_same_rows(a, b)
@@ -126,8 +164,7 @@ def test_outputs_in_a_bucket_verify_rerun_and_refuse(ray_cluster, sample, bucket
     assert read(Location.of(out) / "features_distractors_00000.hdf5")["attrs"]["complete"]
 
 
-def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, sample, bucket, tmp_path,
-                                                              uninterrupted):
+def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, sample, bucket, tmp_path, uninterrupted):
     """SIGKILL once a shard is durable in the bucket; the rerun, with an empty staging folder (a new
     head node), redoes only the other shards and gives the uninterrupted run's file."""
     make_bucket("out-resume")
@@ -135,9 +172,14 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, samp
     args = [f"--{k}={v}" for k, v in KILL_OPTS.items()]
     first = dict(os.environ, ILIAS_RAY_STAGING_DIR=str(tmp_path / "staging1"))
     address = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen(CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address,
-                                   *args], env=first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address, *args],
+        env=first,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     parts = "out-resume/f/features_distractors_00000.hdf5.parts"
     deadline = time.time() + 240
     while not any(n.endswith(".json") and n[0].isdigit() for n in listing(parts)) and time.time() < deadline:
@@ -149,8 +191,13 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, samp
     assert 1 <= len(done) < 3 and "features_distractors_00000.hdf5" not in listing("out-resume/f")
     shutil.rmtree(tmp_path / "staging1")  # the head node is gone
     second = dict(os.environ, ILIAS_RAY_STAGING_DIR=str(tmp_path / "staging2"))
-    p = subprocess.run(CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address,
-                              *args], env=second, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address, *args],
+        env=second,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resuming: {len(done)} of 3 unit(s) already done" in p.stdout
     name = uninterrupted.name
@@ -207,8 +254,10 @@ def test_gcs_and_other_uris_go_through_the_same_layer(tmp_path, monkeypatch):
     assert gcs.staging().startswith(str(tmp_path / "stage")) and Location.of(str(tmp_path)).staging() == str(tmp_path)
     with pytest.raises(UserError, match="credentials in a URI are not accepted"):
         Config(dataset_dir="gs://user:pw@my-bucket/x", hdf5_dir=str(tmp_path)).validate()
-    assert redact("s3://AK:SECRET@b/p?region=x&secret_key=abc&session_token=t") == \
-        "s3://b/p?region=x&secret_key=***&session_token=***"
+    assert (
+        redact("s3://AK:SECRET@b/p?region=x&secret_key=abc&session_token=t")
+        == "s3://b/p?region=x&secret_key=***&session_token=***"
+    )
     # The job forwards the endpoint and region to its workers, never a key.
     from ilias_ray.pipeline import FORWARDED_ENV
 
@@ -227,8 +276,7 @@ def read_rows(src: str, name: str) -> list:
     return pa.concat_tables(list(read_tar(unit, None))).to_pylist()
 
 
-def test_a_shard_that_breaks_part_way_is_read_again_and_no_row_is_sent_twice(s3_server, sample, bucket,
-                                                                            monkeypatch):
+def test_a_shard_that_breaks_part_way_is_read_again_and_no_row_is_sent_twice(s3_server, sample, bucket, monkeypatch):
     """Small ranges, one try per range, and more cuts in a row than the S3 client's own retries
     (about 6 s of them): the read fails part-way after rows went out, and the shard is read again
     from its start. Every position comes out once, with the bytes of the local read."""
@@ -292,8 +340,11 @@ def test_missing_bucket_prefix_and_denied_reads_are_one_line_before_ray(s3_serve
     assert "s3://no-such-bucket/core" in err and "bucket 'no-such-bucket' does not exist" in err
     err = one_line_error(base + ["--dataset_dir", "s3://ilias-in/no/such/prefix"], capsys)
     assert "s3://ilias-in/no/such/prefix" in err and "no objects under this prefix" in err
-    err = one_line_error(base + ["--dataset_dir", bucket["core"], "--selected_ids", "s3://ilias-in/lists/nope.txt",
-                           "--partition", "uned"], capsys)
+    err = one_line_error(
+        base
+        + ["--dataset_dir", bucket["core"], "--selected_ids", "s3://ilias-in/lists/nope.txt", "--partition", "uned"],
+        capsys,
+    )
     assert "--selected_ids s3://ilias-in/lists/nope.txt: no such file" in err
     make_bucket("ilias-denied")
     shard = sample["yfcc"] / "00000.tar"
@@ -301,12 +352,23 @@ def test_missing_bucket_prefix_and_denied_reads_are_one_line_before_ray(s3_serve
     deny_reads("ilias-denied")
     err = one_line_error(base + ["--dataset_dir", "s3://ilias-denied/yfcc", "--partition", "distractors"], capsys)
     assert f"cannot read s3://ilias-denied/yfcc/{shard.name}: access denied" in err
-    err = one_line_error(["extract", "--model", "resnet18", "--pretrained", "false", "--dataset_dir", bucket["core"],
-                    "--hdf5_dir", "s3://no-such-out-bucket/features"], capsys)
+    err = one_line_error(
+        [
+            "extract",
+            "--model",
+            "resnet18",
+            "--pretrained",
+            "false",
+            "--dataset_dir",
+            bucket["core"],
+            "--hdf5_dir",
+            "s3://no-such-out-bucket/features",
+        ],
+        capsys,
+    )
     assert "--hdf5_dir s3://no-such-out-bucket/features is not writable" in err
     # Credentials are never taken as flags, and never echoed.
     err = one_line_error(base + ["--dataset_dir", "s3://AKEY:hunter2-secret@ilias-in/core"], capsys)
     assert "credentials in a URI are not accepted" in err and "hunter2" not in err and "AKEY" not in err
     err = one_line_error(base + ["--dataset_dir", "s3://ilias-in/core?secret_key=hunter2-secret"], capsys)
     assert "hunter2" not in err
-

@@ -45,12 +45,14 @@ def exact(req: Requirement) -> str:
 @pytest.mark.parametrize("group, filename", [("runtime", "requirements.txt"), ("test", "requirements-test.txt")])
 def test_every_pin_lies_in_its_declared_range(group, filename):
     ranges, pins = declared(group), pinned(filename)
-    assert set(ranges) == set(pins), f"declared but not pinned: {set(ranges) - set(pins)}; " \
-                                     f"pinned but not declared: {set(pins) - set(ranges)}"
+    assert set(ranges) == set(pins), (
+        f"declared but not pinned: {set(ranges) - set(pins)}; pinned but not declared: {set(pins) - set(ranges)}"
+    )
     for name, pin in pins.items():
         version = exact(pin)
-        assert ranges[name].specifier.contains(version, prereleases=True), \
+        assert ranges[name].specifier.contains(version, prereleases=True), (
             f"{filename} pins {name}=={version}, outside pyproject's {ranges[name]}"
+        )
         assert ranges[name].extras == pin.extras, f"{name}: extras {pin.extras} pinned, {ranges[name].extras} declared"
 
 

@@ -59,4 +59,3 @@ def test_only_records_of_the_same_settings_with_matching_files_count(tmp_path):
     assert sorted(finished_units(store.loc, SETTINGS)) == [0]
     store.remove()
     assert not parts.exists() and finished_units(store.loc, SETTINGS) == {}
-

@@ -23,10 +23,10 @@ def np_map(x, token_pool):
     cls = None
     if token_pool:
         cls, x = x[:, 0], x[:, 1:]
-    b, l, d = x.shape
-    m = np.zeros((b, d, l, 1))
+    b, n, d = x.shape  # n tokens
+    m = np.zeros((b, d, n, 1))
     for i in range(b):
-        for t in range(l):
+        for t in range(n):
             for c in range(d):
                 m[i, c, t, 0] = x[i, t, c]
     return m, cls
@@ -67,15 +67,15 @@ def spec_regions(W, H):
     idx = errs.index(min(errs))  # first minimum
     Wd, Hd = (idx + 1, 0) if H < W else (0, idx + 1)
     out = [(0, 0, W, H)]
-    for l in (2, 3):
-        wl = math.floor(2 * w / (l + 1))
+    for lev in (2, 3):
+        wl = math.floor(2 * w / (lev + 1))
         if wl == 0:
             continue
         wl2 = math.floor(wl / 2 - 1)
-        bW = (W - wl) / (l + Wd - 1) if l + Wd > 1 else 0
-        bH = (H - wl) / (l + Hd - 1) if l + Hd > 1 else 0
-        lefts = [math.floor(wl2 + k * bW) - wl2 for k in range(l + Wd)]
-        tops = [math.floor(wl2 + k * bH) - wl2 for k in range(l + Hd)]
+        bW = (W - wl) / (lev + Wd - 1) if lev + Wd > 1 else 0
+        bH = (H - wl) / (lev + Hd - 1) if lev + Hd > 1 else 0
+        lefts = [math.floor(wl2 + k * bW) - wl2 for k in range(lev + Wd)]
+        tops = [math.floor(wl2 + k * bH) - wl2 for k in range(lev + Hd)]
         out += [(le, t, wl, wl) for t in tops for le in lefts]
     return out
 
@@ -196,8 +196,22 @@ def test_local_tokens(token_pool):
 
 @pytest.mark.parametrize(
     "W,H",
-    [(7, 7), (10, 7), (7, 10), (32, 24), (24, 32), (1, 1), (3, 40), (40, 3),
-     (16, 12), (12, 16), (1, 6), (6, 1), (2, 2), (20, 20)],
+    [
+        (7, 7),
+        (10, 7),
+        (7, 10),
+        (32, 24),
+        (24, 32),
+        (1, 1),
+        (3, 40),
+        (40, 3),
+        (16, 12),
+        (12, 16),
+        (1, 6),
+        (6, 1),
+        (2, 2),
+        (20, 20),
+    ],
 )
 def test_rmac_regions_match_spec(W, H):
     got = rmac_regions(W, H)

@@ -72,12 +72,22 @@ def test_only_images_within_the_bound_are_read(tmp_path, monkeypatch):
     monkeypatch.setattr(read, "MAX_MEMBER_BYTES", 10_000, raising=False)
     read_names = []
     extract = tarfile.TarFile.extractfile
-    monkeypatch.setattr(tarfile.TarFile, "extractfile",
-                        lambda self, m: read_names.append(m.name) or extract(self, m))
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read_names.append(m.name) or extract(self, m))
     at, over = b"j" * 10_000, b"J" * 10_001
     path = tmp_path / "limits.tar"
-    write_tar(path, [("a.jpg", b"small"), ("a.json", b"{}" * 50_000), ("b.json", b"{}"), ("b.jpg", over),
-                     ("b.txt", b"t"), ("c.jpg", at), ("d.txt", b"x" * 20_000), ("e.jpg", b"after")])
+    write_tar(
+        path,
+        [
+            ("a.jpg", b"small"),
+            ("a.json", b"{}" * 50_000),
+            ("b.json", b"{}"),
+            ("b.jpg", over),
+            ("b.txt", b"t"),
+            ("c.jpg", at),
+            ("d.txt", b"x" * 20_000),
+            ("e.jpg", b"after"),
+        ],
+    )
     rows = rows_of(path)
     got = [(r["id"], r["kind"], r["data"], r["note"]) for r in rows[:-1]]
     assert got == [

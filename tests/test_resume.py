@@ -12,8 +12,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import KILL_OPTS
 
+from conftest import KILL_OPTS
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
 
@@ -25,8 +25,14 @@ def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sampl
     The rerun redoes that shard, instead of crashing in assembly or copying the damage."""
     out = tmp_path / "out"
     parts = out / (uninterrupted.name + ".parts")
-    args = ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out),
-            "--address", ray_cluster.get_runtime_context().gcs_address] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    args = [
+        "--dataset_dir",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        str(out),
+        "--address",
+        ray_cluster.get_runtime_context().gcs_address,
+    ] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:raise")
     p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and sorted(q.name for q in parts.glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
@@ -37,8 +43,9 @@ def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sampl
     assert "resuming: 2 of 3 unit(s) already done" in p.stdout
     with h5py.File(out / uninterrupted.name) as a, h5py.File(uninterrupted) as b:
         assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
-        np.testing.assert_allclose(a["features"][()].astype(np.float32), b["features"][()].astype(np.float32),
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            a["features"][()].astype(np.float32), b["features"][()].astype(np.float32), atol=1e-3
+        )
 
 
 def test_other_library_versions_are_said_and_a_replaced_shard_is_refused(ray_cluster, sample, tmp_path, capsys):
@@ -46,8 +53,14 @@ def test_other_library_versions_are_said_and_a_replaced_shard_is_refused(ray_clu
     shards.mkdir()
     for s in sorted(sample["yfcc"].glob("*.tar"))[:2]:
         (shards / s.name).write_bytes(s.read_bytes())
-    opts = dict(dataset_dir=str(shards), hdf5_dir=str(tmp_path / "out"), partition="distractors", model="resnet18",
-                pretrained=False, resolution=64)
+    opts = dict(
+        dataset_dir=str(shards),
+        hdf5_dir=str(tmp_path / "out"),
+        partition="distractors",
+        model="resnet18",
+        pretrained=False,
+        resolution=64,
+    )
     run(Config(**opts))
     name = "features_distractors_00000.hdf5"
     with h5py.File(tmp_path / "out" / name, "r+") as f:
@@ -66,10 +79,9 @@ def test_other_library_versions_are_said_and_a_replaced_shard_is_refused(ray_clu
 
 def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     """A rename is durable only once its directory is fsynced (filesystems without ordered metadata)."""
-    from test_sink import RUN, batch, spec
-
     from ilias_ray.rows import Kind
     from ilias_ray.sink import Sink
+    from test_sink import RUN, batch, spec
 
     events, dirs = [], {}
     real_replace, real_open, real_fsync = os.replace, os.open, os.fsync

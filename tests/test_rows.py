@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from stages import decoder, embedder
 
 from ilias_ray.config import Config
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec
@@ -21,19 +20,35 @@ from ilias_ray.read import read_tar
 from ilias_ray.rows import DECODE, EMBED, READ, READ_SCHEMA, ROUTING, SINK, STAGES, Kind, StageInputError
 from ilias_ray.sink import PROGRESS_COLUMNS, Sink
 from ilias_ray.storage import Location
+from stages import decoder, embedder
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def settings(sample, **kw) -> dict:
-    return dataclasses.asdict(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir="unused", partition="distractors",
-                                     model="resnet18", pretrained=False, resolution=64, **kw))
+    return dataclasses.asdict(
+        Config(
+            dataset_dir=str(sample["yfcc"]),
+            hdf5_dir="unused",
+            partition="distractors",
+            model="resnet18",
+            pretrained=False,
+            resolution=64,
+            **kw,
+        )
+    )
 
 
 def test_kinds_keep_their_numbers():
     """Kinds travel as int8 in Arrow and are compared with numpy arrays: the numbers are the format."""
-    assert [(k.name, int(k)) for k in Kind] == [("TAR_IMAGE", 0), ("FILE_IMAGE", 1), ("TEXT", 2), ("SKIP", 3),
-                                                ("MARKER", 4), ("IMAGE", 5)]
+    assert [(k.name, int(k)) for k in Kind] == [
+        ("TAR_IMAGE", 0),
+        ("FILE_IMAGE", 1),
+        ("TEXT", 2),
+        ("SKIP", 3),
+        ("MARKER", 4),
+        ("IMAGE", 5),
+    ]
     assert np.array([3, 5], np.int8).tolist() == [Kind.SKIP, Kind.IMAGE]
 
 
@@ -63,8 +78,12 @@ def test_real_stages_emit_exactly_their_declared_columns(sample, tmp_path):
     embedded = embedder(s)(decoded)
     assert set(embedded) == set(EMBED.output(tuple(decoded)))
 
-    out = OutputSpec(name="f.hdf5", dir=Location.of(str(tmp_path)), settings={"x": 1},
-                     units=(UnitSpec(0, path.name, None, unit.size, None),))
+    out = OutputSpec(
+        name="f.hdf5",
+        dir=Location.of(str(tmp_path)),
+        settings={"x": 1},
+        units=(UnitSpec(0, path.name, None, unit.size, None),),
+    )
     progress = Sink([out], RunInfo(dtype="float16", compression=0, local=False, run_settings={}))(embedded)
     assert set(progress) == set(SINK.output(tuple(embedded)))
     assert bool(progress["finished"][0]) and (tmp_path / "f.hdf5").exists()
@@ -77,9 +96,17 @@ def test_a_miswired_batch_fails_at_the_boundary_naming_the_stage(sample, tmp_pat
         decode_batch(routing_only, decoder(s))
     with pytest.raises(StageInputError, match=r"stage 'embed' got a batch without column\(s\) data, img, h, w, mask"):
         embedder(s)(routing_only)
-    sink = Sink([OutputSpec(name="f.hdf5", dir=Location.of(str(tmp_path)), settings={"x": 1},
-                            units=(UnitSpec(0, "a.tar", None, 0, None),))],
-                RunInfo(dtype="float16", compression=0, local=False, run_settings={}))
+    sink = Sink(
+        [
+            OutputSpec(
+                name="f.hdf5",
+                dir=Location.of(str(tmp_path)),
+                settings={"x": 1},
+                units=(UnitSpec(0, "a.tar", None, 0, None),),
+            )
+        ],
+        RunInfo(dtype="float16", compression=0, local=False, run_settings={}),
+    )
     with pytest.raises(StageInputError, match=r"stage 'sink' got a batch without column\(s\) feat, nvec"):
         sink(routing_only)
 
@@ -87,7 +114,7 @@ def test_a_miswired_batch_fails_at_the_boundary_naming_the_stage(sample, tmp_pat
 def readme_columns() -> dict:
     """{column: (stage that adds it, stages that read it)} from the README's table of columns."""
     text = README.read_text()
-    table = text[text.index("| column |"):].split("\n\n", 1)[0]
+    table = text[text.index("| column |") :].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 from conftest import one_line_error
-
 from ilias_ray import cli
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
@@ -20,8 +19,24 @@ def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, t
     env = {k: v for k, v in os.environ.items() if k != "ILIAS_RAY_TESTING"}
     env["ILIAS_RAY_FAULT"] = "sink_write:enospc"  # would fail the run's first write
     address = ray_cluster.get_runtime_context().gcs_address
-    p = subprocess.run(CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address,
-                              "--partition", "distractors", *CNN], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        CLI
+        + [
+            "--dataset_dir",
+            str(sample["yfcc"]),
+            "--hdf5_dir",
+            str(tmp_path),
+            "--address",
+            address,
+            "--partition",
+            "distractors",
+            *CNN,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ILIAS_RAY_FAULT is ignored" in p.stdout and (tmp_path / "features_distractors_00000.hdf5").exists()
 
@@ -43,8 +58,21 @@ def test_listed_files_cannot_leave_the_dataset_dir(sample, tmp_path, capsys):
     for bad in ("../private.jpg", f"{inside.split('/')[0]}/../../private.jpg", str(tmp_path / "private.jpg")):
         ids = tmp_path / "ids.txt"
         ids.write_text(f"{inside}\n{bad},some other column\n")
-        err = one_line_error(["extract", "--dataset_dir", str(core), "--hdf5_dir", str(tmp_path / "out"), "--partition",
-                        "uned", "--selected_ids", str(ids), *CNN], capsys)
+        err = one_line_error(
+            [
+                "extract",
+                "--dataset_dir",
+                str(core),
+                "--hdf5_dir",
+                str(tmp_path / "out"),
+                "--partition",
+                "uned",
+                "--selected_ids",
+                str(ids),
+                *CNN,
+            ],
+            capsys,
+        )
         assert f"{bad!r} is not a path below --dataset_dir" in err, err
     assert not (tmp_path / "out").exists()
 

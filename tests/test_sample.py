@@ -36,7 +36,10 @@ def test_deterministic(sample, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == b[k], k
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_") and k not in ("core", "yfcc")}
+
+    def strip(d):
+        return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("core", "yfcc")}
+
     assert strip(sample) == strip(other)
 
 

@@ -21,8 +21,9 @@ SETTINGS = {"x": 1}
 
 def spec(tmp_path, units):
     """units: (uid, name, count or None, size, record or None) each."""
-    return OutputSpec(name="f.hdf5", dir=Location.of(str(tmp_path)), settings=SETTINGS,
-                      units=tuple(UnitSpec(*u) for u in units))
+    return OutputSpec(
+        name="f.hdf5", dir=Location.of(str(tmp_path)), settings=SETTINGS, units=tuple(UnitSpec(*u) for u in units)
+    )
 
 
 RUN = RunInfo(dtype="float16", compression=0, local=False, run_settings={})
@@ -70,8 +71,9 @@ def test_reorders_streams_and_finishes_atomically(tmp_path):
         want = [f"s0/{p}" for p in range(n0) if p != 7] + [f"s1/{p}" for p in range(n1)]
         assert idx == want
         feats = f["features"][()]
-        np.testing.assert_array_equal(feats[:, 0], np.array([int(i[1]) * 1000 + int(i.split("/")[1]) for i in idx],
-                                                            np.float16))
+        np.testing.assert_array_equal(
+            feats[:, 0], np.array([int(i[1]) * 1000 + int(i.split("/")[1]) for i in idx], np.float16)
+        )
         assert list(f["skipped_index"].asstr()[()]) == ["s0/7"]
         assert f.attrs["complete"] and f.attrs["num_rows"] == len(want)
     assert not (tmp_path / "f.hdf5.partial").exists() and not (tmp_path / "f.hdf5.parts").exists()
@@ -93,7 +95,8 @@ def test_a_new_sink_resumes_from_finished_units(tmp_path):
     second(batch([(1, p, Kind.IMAGE) for p in range(2)] + [(1, 2, Kind.MARKER)]))
     with h5py.File(tmp_path / "f.hdf5", "r") as f:
         assert list(f["index"].asstr()[()]) == [f"s0/{p}" for p in range(5)] + ["s1/0", "s1/1"] + [
-            f"s2/{p}" for p in range(3)]
+            f"s2/{p}" for p in range(3)
+        ]
 
 
 def test_duplicate_rows_are_dropped(tmp_path):
@@ -114,14 +117,26 @@ def test_progress_lines(capsys):
     plan = SimpleNamespace(outputs=[SimpleNamespace(name="features_distractors_00000.hdf5")])
     p = Progress(plan, every=0)
     row = lambda rows, frac, done: {  # noqa: E731
-        "out": np.array([0]), "rows": np.array([rows]), "skipped": np.array([1]),
-        "fraction": np.array([frac]), "finished": np.array([done]), "truncated": np.array([0]),
-        "duplicates": np.array([0]), "retries": np.array([0])}
+        "out": np.array([0]),
+        "rows": np.array([rows]),
+        "skipped": np.array([1]),
+        "fraction": np.array([frac]),
+        "finished": np.array([done]),
+        "truncated": np.array([0]),
+        "duplicates": np.array([0]),
+        "retries": np.array([0]),
+    }
     p.update(row(99, 0.25, False))
     p.update(row(399, 1.0, True))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[features_distractors_00000.hdf5] 99 rows, 1 skipped")
     assert "img/s" in lines[0] and "25.0%  ETA " in lines[0]
     assert lines[1].endswith("done")
-    assert p.totals() == {"rows": 399, "skipped": 1, "finished": ["features_distractors_00000.hdf5"],
-                          "truncated_shards": 0, "input_duplicates": 0, "read_retries": 0}
+    assert p.totals() == {
+        "rows": 399,
+        "skipped": 1,
+        "finished": ["features_distractors_00000.hdf5"],
+        "truncated_shards": 0,
+        "input_duplicates": 0,
+        "read_retries": 0,
+    }

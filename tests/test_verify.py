@@ -43,8 +43,11 @@ def test_a_clean_directory_passes(clean):
     lines = p.stdout.splitlines()
     assert lines[0].split() == ["file", "rows", "skipped", "dim", "dtype", "status"]
     assert [ln.split()[0] for ln in lines[1:5]] == [
-        "features_distractors_00000.hdf5", "features_distractors_00001.hdf5", "features_distractors_00002.hdf5",
-        "features_image_queries.hdf5"]
+        "features_distractors_00000.hdf5",
+        "features_distractors_00001.hdf5",
+        "features_distractors_00002.hdf5",
+        "features_image_queries.hdf5",
+    ]
     assert all(ln.split()[-1] == "ok" for ln in lines[1:5])
     assert lines[-1] == "verify: 4 file(s), 0 problem(s), 0 warning(s)"
 
@@ -53,6 +56,7 @@ def set_rows(name, fn):
     def edit(d):
         with h5py.File(d / name, "r+") as f:
             fn(f)
+
     return edit
 
 
@@ -86,19 +90,22 @@ def short_features(f):
     f["features"].resize(f["features"].shape[0] - 1, axis=0)
 
 
-@pytest.mark.parametrize("edit, telltale", [
-    (set_rows("features_image_queries.hdf5", nan_row), "NaN or inf"),
-    (set_rows("features_image_queries.hdf5", long_row), "L2 norm is not 1"),
-    (set_rows("features_image_queries.hdf5", repeated_id), "repeated ID(s)"),
-    (set_rows("features_image_queries.hdf5", drop_features), "missing dataset(s): features"),
-    (set_rows("features_image_queries.hdf5", not_complete), "not marked complete"),
-    (set_rows("features_image_queries.hdf5", no_settings), "settings not recorded"),
-    (set_rows("features_distractors_00000.hdf5", short_features), "rows but 'index' has"),
-    (lambda d: (d / "features_distractors_00001.hdf5").unlink(), "features_distractors_00001.hdf5"),
-    (lambda d: (d / "features_distractors_00002.hdf5").unlink(), "features_distractors_00002.hdf5"),
-    (lambda d: (d / "features_positives.hdf5.partial").write_bytes(b"x"), "unfinished run"),
-    (lambda d: (d / "features_positives.hdf5").write_bytes(b"not hdf5"), "not a readable HDF5 file"),
-])
+@pytest.mark.parametrize(
+    "edit, telltale",
+    [
+        (set_rows("features_image_queries.hdf5", nan_row), "NaN or inf"),
+        (set_rows("features_image_queries.hdf5", long_row), "L2 norm is not 1"),
+        (set_rows("features_image_queries.hdf5", repeated_id), "repeated ID(s)"),
+        (set_rows("features_image_queries.hdf5", drop_features), "missing dataset(s): features"),
+        (set_rows("features_image_queries.hdf5", not_complete), "not marked complete"),
+        (set_rows("features_image_queries.hdf5", no_settings), "settings not recorded"),
+        (set_rows("features_distractors_00000.hdf5", short_features), "rows but 'index' has"),
+        (lambda d: (d / "features_distractors_00001.hdf5").unlink(), "features_distractors_00001.hdf5"),
+        (lambda d: (d / "features_distractors_00002.hdf5").unlink(), "features_distractors_00002.hdf5"),
+        (lambda d: (d / "features_positives.hdf5.partial").write_bytes(b"x"), "unfinished run"),
+        (lambda d: (d / "features_positives.hdf5").write_bytes(b"not hdf5"), "not a readable HDF5 file"),
+    ],
+)
 def test_each_problem_is_found(clean, tmp_path, edit, telltale):
     p = damaged(clean, tmp_path, edit)
     assert p.returncode == 1, p.stdout
@@ -121,8 +128,17 @@ def test_units_that_ended_early_and_empty_files_are_warnings_strict_fails(ray_cl
     (shards / "a.tar").write_bytes(data[: len(data) // 2])  # truncated part-way
     tarfile.open(shards / "b.tar", "w").close()  # a valid tar with nothing in it
     out = tmp_path / "out"
-    run(Config(dataset_dir=str(shards), hdf5_dir=str(out), partition="distractors", tar_batch_size=1,
-               model="resnet18", pretrained=False, resolution=64))
+    run(
+        Config(
+            dataset_dir=str(shards),
+            hdf5_dir=str(out),
+            partition="distractors",
+            tar_batch_size=1,
+            model="resnet18",
+            pretrained=False,
+            resolution=64,
+        )
+    )
     p = verify(out)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "warning: features_distractors_00000.hdf5: unit a.tar ended early (truncated" in p.stdout

@@ -91,8 +91,9 @@ class Framework(Protocol):
         """Mean/std, padding multiple, poolings, text tower, weights: cheap, no weights loaded.
         An unknown `name` raises a one-line UserError."""
 
-    def build(self, name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-              trust_remote_code: bool = False) -> Backbone:
+    def build(
+        self, name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+    ) -> Backbone:
         """The backbone in eval mode on the CPU, its weights loaded once: from `checkpoint` (a local
         file read with weights_only=True or safetensors) if given, else the published weights if
         `pretrained`, else seeded random weights (every actor builds the same ones). Hub code runs
@@ -115,21 +116,28 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def build(framework_name: str, model: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    framework_name: str,
+    model: str,
+    *,
+    checkpoint: Optional[str] = None,
+    pretrained: bool = True,
+    trust_remote_code: bool = False,
+) -> Backbone:
     """`--framework framework_name --model model` built by its module (see `Framework.build`)."""
-    return framework(framework_name).build(model, checkpoint=checkpoint, pretrained=pretrained,
-                                           trust_remote_code=trust_remote_code)
+    return framework(framework_name).build(
+        model, checkpoint=checkpoint, pretrained=pretrained, trust_remote_code=trust_remote_code
+    )
 
 
-def check(framework_name: str, model: str, *, pooling: str, checkpoint: Optional[str] = None,
-          pretrained: bool = True) -> ModelSpec:
+def check(
+    framework_name: str, model: str, *, pooling: str, checkpoint: Optional[str] = None, pretrained: bool = True
+) -> ModelSpec:
     """Name, pooling and weight checks on the driver, so mistakes fail before any Ray work."""
     spec = framework(framework_name).spec(model)
     if framework_name != "text" and pooling not in spec.poolings:
         raise UserError(
-            f"--pooling {pooling} is not supported by {framework_name}:{model} "
-            f"(supported: {', '.join(spec.poolings)})"
+            f"--pooling {pooling} is not supported by {framework_name}:{model} (supported: {', '.join(spec.poolings)})"
         )
     w = spec.weights
     if checkpoint:
@@ -143,8 +151,10 @@ def check(framework_name: str, model: str, *, pooling: str, checkpoint: Optional
     return spec
 
 
-def hf_cached(repo: str, filenames=("model.safetensors", "open_clip_model.safetensors",
-                                    "open_clip_pytorch_model.bin", "pytorch_model.bin")) -> bool:
+def hf_cached(
+    repo: str,
+    filenames=("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"),
+) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     for f in filenames:
@@ -186,7 +196,7 @@ def strip_prefixes(sd: dict, prefixes) -> dict:
     for k, v in sd.items():
         for p in prefixes:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
                 break
         out[k] = v
     return out
@@ -199,5 +209,6 @@ def load_into(model: torch.nn.Module, sd: dict, path: str, drop=()) -> None:
     if missing or unexpected:
         raise UserError(
             f"--checkpoint {path} does not fit the model: {len(missing)} missing key(s) "
-            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'})"
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+            f"(e.g. {', '.join(unexpected[:3]) or '-'})"
         )

@@ -22,8 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilias_ray.config import UserError
-from ilias_ray.models import (IMAGENET_MEAN, IMAGENET_STD, Backbone, ModelSpec, Weights, load_into, load_state_dict,
-                              strip_prefixes, unknown_model)
+from ilias_ray.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    ModelSpec,
+    Weights,
+    load_into,
+    load_state_dict,
+    strip_prefixes,
+    unknown_model,
+)
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 WIDTHS = (256, 512, 1024, 2048)  # stage outputs
@@ -57,15 +66,22 @@ def checkpoint_file(name: str) -> str:
 def hint(name: str) -> str:
     depth, sg = MODELS[name]
     same = f"; SuperGlobal uses the CVNet checkpoint, the same file as cvnet_resnet{depth}" if sg else ""
-    return (f"the CVNet release checkpoint {checkpoint_file(name)} (a torch file whose model_state holds the "
-            f"encoder_q. weights){same}")
+    return (
+        f"the CVNet release checkpoint {checkpoint_file(name)} (a torch file whose model_state holds the "
+        f"encoder_q. weights){same}"
+    )
 
 
 def spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise unknown_model("cvn", name, names())
-    return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=0, poolings=POOLINGS,
-                     weights=Weights(source="user checkpoint", cached=None, hint=hint(name), public=False))
+    return ModelSpec(
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch=0,
+        poolings=POOLINGS,
+        weights=Weights(source="user checkpoint", cached=None, hint=hint(name), public=False),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +307,9 @@ def load_checkpoint(model: CVNetGlobal, path: str) -> None:
         raise UserError(f"{e}; expected CVPR2022_CVNet_R{model.depth}.pyth") from None
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     s = spec(name)
     depth, superglobal = MODELS[name]
     if not checkpoint and pretrained:
@@ -304,5 +321,12 @@ def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = Tru
     if checkpoint:
         load_checkpoint(model, checkpoint)
     model.eval()
-    return Backbone(model=model, dim=model.head.fc.out_features, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=0,
-                    head=model.embed, features=None)
+    return Backbone(
+        model=model,
+        dim=model.head.fc.out_features,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch=0,
+        head=model.embed,
+        features=None,
+    )

@@ -16,9 +16,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ilias_ray.models import (ALL_POOLINGS, CNN_POOLINGS, IMAGENET_MEAN, IMAGENET_STD, Backbone, ModelSpec, Weights,
-                              load_into, load_state_dict, strip_prefixes, unknown_model, url_cached, url_hint)
-from ilias_ray.models import timm_models
+from ilias_ray.models import (
+    ALL_POOLINGS,
+    CNN_POOLINGS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    ModelSpec,
+    Weights,
+    load_into,
+    load_state_dict,
+    strip_prefixes,
+    timm_models,
+    unknown_model,
+    url_cached,
+    url_hint,
+)
 
 _V2 = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 _V3 = {"s": "small", "b": "base", "l": "large", "hplus": "huge_plus", "7b": "7b"}
@@ -37,19 +50,38 @@ TIMM = {
 _FB = "https://dl.fbaipublicfiles.com"
 # fb name -> (timm architecture, released weight file, key prefixes to strip, hub repo and entry)
 RELEASED = {
-    "dino_resnet50": ("resnet50", f"{_FB}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
-                      (), ("facebookresearch/dino:main", "dino_resnet50")),
-    "swav": ("resnet50", f"{_FB}/deepcluster/swav_800ep_pretrain.pth.tar",
-             ("module.",), ("facebookresearch/swav:main", "resnet50")),
-    "mocov3_resnet50": ("resnet50", f"{_FB}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar",
-                        ("module.base_encoder.",), None),
-    "mocov3_vitb16": ("vit_base_patch16_224", f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
-                      ("module.base_encoder.",), None),
+    "dino_resnet50": (
+        "resnet50",
+        f"{_FB}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+        (),
+        ("facebookresearch/dino:main", "dino_resnet50"),
+    ),
+    "swav": (
+        "resnet50",
+        f"{_FB}/deepcluster/swav_800ep_pretrain.pth.tar",
+        ("module.",),
+        ("facebookresearch/swav:main", "resnet50"),
+    ),
+    "mocov3_resnet50": ("resnet50", f"{_FB}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar", ("module.base_encoder.",), None),
+    "mocov3_vitb16": (
+        "vit_base_patch16_224",
+        f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+        ("module.base_encoder.",),
+        None,
+    ),
 }
 HUB_DIM = 2048  # the torch.hub entries are ResNet-50s whose `fc` we drop: their pooled features
 # Heads of the self-supervised training (projectors, prototypes, the momentum twin) are not features.
-DROP = ("fc.", "head.", "projection_head.", "prototypes.", "module.momentum_encoder.", "module.predictor.",
-        "momentum_encoder.", "predictor.")
+DROP = (
+    "fc.",
+    "head.",
+    "projection_head.",
+    "prototypes.",
+    "module.momentum_encoder.",
+    "module.predictor.",
+    "momentum_encoder.",
+    "predictor.",
+)
 
 
 def names() -> tuple:
@@ -66,20 +98,23 @@ def spec(name: str) -> ModelSpec:
         s = timm_models.spec(TIMM[name])
         # The reference pads every DINO (v1) ViT to a multiple of 16, patch8 ones included.
         patch = 16 if name.startswith("dino_") else patch_of(TIMM[name])
-        return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=patch, poolings=ALL_POOLINGS,
-                         weights=s.weights)
+        return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=patch, poolings=ALL_POOLINGS, weights=s.weights)
     if name in RELEASED:
         arch, url, _, _ = RELEASED[name]
         vit = timm_models.is_vit(arch)
-        return ModelSpec(patch=patch_of(arch) if vit else 0, poolings=ALL_POOLINGS if vit else CNN_POOLINGS,
-                         weights=Weights(url, url_cached(url), url_hint(url)))
+        return ModelSpec(
+            patch=patch_of(arch) if vit else 0,
+            poolings=ALL_POOLINGS if vit else CNN_POOLINGS,
+            weights=Weights(url, url_cached(url), url_hint(url)),
+        )
     raise unknown_model("fb", name, names())
 
 
 def _use_hub(name: str, checkpoint: Optional[str], pretrained: bool, trust_remote_code: bool) -> bool:
     """torch.hub runs the repo's code: only on the user's explicit --trust_remote_code true."""
-    return (bool(trust_remote_code) and name in RELEASED and RELEASED[name][3] is not None
-            and not checkpoint and pretrained)
+    return (
+        bool(trust_remote_code) and name in RELEASED and RELEASED[name][3] is not None and not checkpoint and pretrained
+    )
 
 
 def use_dino_pos_embed(model) -> None:
@@ -99,8 +134,7 @@ def use_dino_pos_embed(model) -> None:
         m = math.isqrt(patch_pe.shape[1])
         if (h, w) != (m, m):
             g = patch_pe.float().reshape(1, m, m, c).permute(0, 3, 1, 2)
-            g = F.interpolate(g, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic",
-                              antialias=antialias)
+            g = F.interpolate(g, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic", antialias=antialias)
             if g.shape[-2:] != (h, w):
                 raise RuntimeError(f"position embedding resized to {tuple(g.shape[-2:])}, not {(h, w)}")
             patch_pe = g.permute(0, 2, 3, 1).reshape(1, h * w, c).to(x.dtype)
@@ -118,8 +152,9 @@ def use_dino_pos_embed(model) -> None:
     model._pos_embed = pos_embed
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     s = spec(name)
     if name in TIMM:
         model = timm_models.create(TIMM[name], checkpoint, pretrained).eval()
@@ -148,11 +183,17 @@ def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = Tru
     if name.startswith(("dinov2", "dinov3")):
         # As DINOv2's get_intermediate_layers(reshape=True): the normed class token, and the patch
         # tokens (register tokens excluded) on their 2-D grid, so R-MAC regions are 2-D.
-        def features(x, f=model.forward_features, p=model.patch_embed.patch_size[0],
-                     prefix=model.num_prefix_tokens):
+        def features(x, f=model.forward_features, p=model.patch_embed.patch_size[0], prefix=model.num_prefix_tokens):
             t = f(x)
             grid = t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[-1], x.shape[-2] // p, x.shape[-1] // p)
             return t[:, 0], grid
 
-    return Backbone(model=model, dim=timm_models.head_dim(model), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    patch=s.patch, token_pool=token_pool, features=features)
+    return Backbone(
+        model=model,
+        dim=timm_models.head_dim(model),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch=s.patch,
+        token_pool=token_pool,
+        features=features,
+    )

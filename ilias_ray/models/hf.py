@@ -54,11 +54,17 @@ def _cached(name: str):
 def spec(name: str) -> ModelSpec:
     if name not in KNOWN and not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
         raise unknown_model("hf", name, names())
-    return ModelSpec(mean=MEAN, std=STD, patch=patch_of(name), poolings=("head",),
-                     weights=Weights(f"hf-hub:{name}", _cached(name), hf_hint(name)))
+    return ModelSpec(
+        mean=MEAN,
+        std=STD,
+        patch=patch_of(name),
+        poolings=("head",),
+        weights=Weights(f"hf-hub:{name}", _cached(name), hf_hint(name)),
+    )
 
 
 # ---------------------------------------------------------------- loading
+
 
 def _model_class(config):
     """The transformers class the config names (e.g. CLIPVisionModelWithProjection), else AutoModel."""
@@ -109,8 +115,10 @@ def load(name: str, ckpt: Optional[str], pretrained: bool):
             return _from_pretrained(ckpt, f"--checkpoint {ckpt}")
         if os.path.isfile(ckpt):
             if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.json")):
-                raise UserError(f"--checkpoint {ckpt}: hf models need a directory written by save_pretrained "
-                                "(config.json + model.safetensors)")
+                raise UserError(
+                    f"--checkpoint {ckpt}: hf models need a directory written by save_pretrained "
+                    "(config.json + model.safetensors)"
+                )
             return _from_file(ckpt)
         raise UserError(f"--checkpoint {ckpt}: no such file or directory")
     if pretrained:
@@ -123,11 +131,14 @@ def load(name: str, ckpt: Optional[str], pretrained: bool):
 
 # ---------------------------------------------------------------- the image tower
 
+
 def _embeddings(vision: torch.nn.Module):
     for m in vision.modules():
-        if (isinstance(getattr(m, "position_embedding", None), torch.nn.Embedding)
-                and isinstance(getattr(m, "patch_embedding", None), torch.nn.Conv2d)
-                and callable(getattr(m, "interpolate_pos_encoding", None))):
+        if (
+            isinstance(getattr(m, "position_embedding", None), torch.nn.Embedding)
+            and isinstance(getattr(m, "patch_embedding", None), torch.nn.Conv2d)
+            and callable(getattr(m, "interpolate_pos_encoding", None))
+        ):
             return m
     return None
 
@@ -141,8 +152,10 @@ class ImageTower(torch.nn.Module):
         self.proj = getattr(model, "visual_projection", None)  # CLIP; SigLIP has none
         emb = _embeddings(self.vision)
         if emb is None:
-            raise UserError(f"--framework hf: {name or type(model).__name__} ({type(model).__name__}) is not a "
-                            "CLIP/SigLIP-style vision tower")
+            raise UserError(
+                f"--framework hf: {name or type(model).__name__} ({type(model).__name__}) is not a "
+                "CLIP/SigLIP-style vision tower"
+            )
         if getattr(getattr(self.vision, "config", None), "vision_use_head", True) is False:
             raise UserError(f"--framework hf: {name} has no pooling head (vision_use_head=False)")
         self.patch = emb.patch_embedding.kernel_size[0]
@@ -156,8 +169,9 @@ class ImageTower(torch.nn.Module):
         def pos_embed(embeddings, height, width):
             from timm.layers import resample_abs_pos_embed
 
-            return resample_abs_pos_embed(table.weight.unsqueeze(0), new_size=(height // patch, width // patch),
-                                          num_prefix_tokens=prefix)
+            return resample_abs_pos_embed(
+                table.weight.unsqueeze(0), new_size=(height // patch, width // patch), num_prefix_tokens=prefix
+            )
 
         emb.interpolate_pos_encoding = pos_embed  # called by the embeddings when interpolate_pos_encoding=True
         self._resample = pos_embed  # a plain function attribute (the embeddings stay a submodule of `vision` only)
@@ -172,8 +186,9 @@ class ImageTower(torch.nn.Module):
         return self.proj(pooled) if self.proj is not None else pooled
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     s = spec(name)
     tower = ImageTower(load(name, checkpoint, pretrained), name).eval()
     return Backbone(model=tower, dim=tower.dim, mean=s.mean, std=s.std, patch=tower.patch, head=tower)

@@ -11,13 +11,23 @@ from typing import Optional
 import timm
 import torch
 
-from ilias_ray.models import (ALL_POOLINGS, Backbone, ModelSpec, Weights, load_into, load_state_dict,
-                              strip_prefixes, unknown_model)
+from ilias_ray.models import (
+    ALL_POOLINGS,
+    Backbone,
+    ModelSpec,
+    Weights,
+    load_into,
+    load_state_dict,
+    strip_prefixes,
+    unknown_model,
+)
 
 NAMES = ("dino_vit16_patch16_224_sop",)
 WIDTHS = {384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
-HINT = ("the HIER checkpoint as a timm vit_small_patch16_224 / vit_base_patch16_224 state_dict "
-        "(optionally with head.weight/head.bias: the embedding layer)")
+HINT = (
+    "the HIER checkpoint as a timm vit_small_patch16_224 / vit_base_patch16_224 state_dict "
+    "(optionally with head.weight/head.bias: the embedding layer)"
+)
 
 
 def names() -> tuple:
@@ -30,8 +40,9 @@ def spec(name: str) -> ModelSpec:
     return ModelSpec(patch=16, poolings=ALL_POOLINGS, weights=Weights("user checkpoint", None, HINT, public=False))
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     spec(name)
     sd = strip_prefixes(load_state_dict(checkpoint), ("module.", "model.", "backbone.")) if checkpoint else {}
     width = sd["cls_token"].shape[-1] if "cls_token" in sd else 384

@@ -13,8 +13,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ilias_ray.models import (CNN_POOLINGS, OPENAI_MEAN, OPENAI_STD, Backbone, ModelSpec, Weights, hf_cached,
-                              hf_hint, unknown_model, url_cached, url_hint)
+from ilias_ray.models import (
+    CNN_POOLINGS,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    Backbone,
+    ModelSpec,
+    Weights,
+    hf_cached,
+    hf_hint,
+    unknown_model,
+    url_cached,
+    url_hint,
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,7 +45,7 @@ def open_clip_weights(name: str, tag) -> Weights:
     import open_clip
 
     if name.startswith("hf-hub:"):
-        repo = name[len("hf-hub:"):]
+        repo = name[len("hf-hub:") :]
         return Weights(name, hf_cached(repo), hf_hint(repo))
     pc = open_clip.get_pretrained_cfg(name, tag) or {}
     if pc.get("hf_hub"):
@@ -58,8 +69,9 @@ def open_clip_pretrained(tag, checkpoint: Optional[str], pretrained: bool):
 def spec(name: str) -> ModelSpec:
     if name not in names():
         raise unknown_model("och", name, names())
-    return ModelSpec(mean=OPENAI_MEAN, std=OPENAI_STD, poolings=CNN_POOLINGS, has_text=True,
-                     weights=open_clip_weights(*split(name)))
+    return ModelSpec(
+        mean=OPENAI_MEAN, std=OPENAI_STD, poolings=CNN_POOLINGS, has_text=True, weights=open_clip_weights(*split(name))
+    )
 
 
 def _attnpool_any_size(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,18 +86,32 @@ def _attnpool_any_size(self, x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(n, c, h * w).permute(2, 0, 1)  # (hw, n, c)
     x = torch.cat([x.mean(dim=0, keepdim=True), x]) + pos[:, None, :].to(x.dtype)
     out, _ = F.multi_head_attention_forward(
-        query=x, key=x, value=x, embed_dim_to_check=c, num_heads=self.num_heads,
-        q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
-        in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-        out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-        use_separate_proj_weight=True, training=False, need_weights=False,
+        query=x,
+        key=x,
+        value=x,
+        embed_dim_to_check=c,
+        num_heads=self.num_heads,
+        q_proj_weight=self.q_proj.weight,
+        k_proj_weight=self.k_proj.weight,
+        v_proj_weight=self.v_proj.weight,
+        in_proj_weight=None,
+        in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=self.c_proj.weight,
+        out_proj_bias=self.c_proj.bias,
+        use_separate_proj_weight=True,
+        training=False,
+        need_weights=False,
     )
     return out[0]
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     import open_clip
 
     spec(name)

@@ -98,7 +98,7 @@ def _regional(x: torch.Tensor, aggr) -> torch.Tensor:
     H, W = x.shape[2], x.shape[3]
     out = None
     for left, top, rw, rh in rmac_regions(W, H):
-        v = aggr(x[:, :, top:top + rh, left:left + rw])
+        v = aggr(x[:, :, top : top + rh, left : left + rw])
         # Plain sum of unnormalised region vectors (reference behaviour).
         out = v if out is None else out + v
     return out

@@ -34,8 +34,17 @@ def print_table(out=print) -> None:
     rows = benchmark_rows()
     table = [("label", "framework", "model", "pooling", "res", "text", "offline here")]
     for r in rows:
-        table.append((r["label"], r["framework"], r["model"], r["pooling"], r["resolution"], r["has_text"],
-                      status(r["framework"], r["model"])))
+        table.append(
+            (
+                r["label"],
+                r["framework"],
+                r["model"],
+                r["pooling"],
+                r["resolution"],
+                r["has_text"],
+                status(r["framework"], r["model"]),
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         out("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -66,8 +66,9 @@ def text_dim(model: torch.nn.Module) -> int:
     return proj.shape[-1] if proj is not None else tower.transformer.width
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     import open_clip
 
     oc_name, tag = lookup(name)

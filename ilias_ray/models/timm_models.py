@@ -9,8 +9,21 @@ from typing import Optional
 import timm
 import torch
 
-from ilias_ray.models import (ALL_POOLINGS, CNN_POOLINGS, Backbone, ModelSpec, Weights, hf_cached, hf_hint,
-                              load_into, load_state_dict, strip_prefixes, unknown_model, url_cached, url_hint)
+from ilias_ray.models import (
+    ALL_POOLINGS,
+    CNN_POOLINGS,
+    Backbone,
+    ModelSpec,
+    Weights,
+    hf_cached,
+    hf_hint,
+    load_into,
+    load_state_dict,
+    strip_prefixes,
+    unknown_model,
+    url_cached,
+    url_hint,
+)
 
 # Benchmark rows named `{method}_{dim}-{timm architecture}`: a timm backbone fine-tuned with a
 # `dim`-d embedding layer as its classifier (Recall@k surrogate, UDON, USCRR). No hub serves them.
@@ -55,16 +68,21 @@ def custom(name: str):
 
 def custom_hint(name: str) -> str:
     method, dim, arch = custom(name)
-    return (f"a state_dict of timm's {arch} created with num_classes={dim} (the {method} embedding layer "
-            f"as its classifier), .pth or .safetensors")
+    return (
+        f"a state_dict of timm's {arch} created with num_classes={dim} (the {method} embedding layer "
+        f"as its classifier), .pth or .safetensors"
+    )
 
 
 def spec(name: str) -> ModelSpec:
     c = custom(name)
     if c and timm.is_model(c[2]):
         vit = is_vit(name)
-        return ModelSpec(patch=patch_size(name) if vit else 0, poolings=ALL_POOLINGS if vit else CNN_POOLINGS,
-                         weights=Weights("user checkpoint", None, custom_hint(name), public=False))
+        return ModelSpec(
+            patch=patch_size(name) if vit else 0,
+            poolings=ALL_POOLINGS if vit else CNN_POOLINGS,
+            weights=Weights("user checkpoint", None, custom_hint(name), public=False),
+        )
     if not timm.is_model(name):
         raise unknown_model("timm", name, names())
     pc = timm.models.get_pretrained_cfg(name)
@@ -119,8 +137,9 @@ def head_dim(model: torch.nn.Module) -> int:
     return model.num_classes or getattr(model, "head_hidden_size", None) or model.num_features
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     s = spec(name)
     if custom(name):
         model = create_custom(name, checkpoint).eval()

@@ -8,8 +8,18 @@ from typing import Optional
 import torch
 import torchvision
 
-from ilias_ray.models import (CNN_POOLINGS, Backbone, ModelSpec, Weights, load_into, load_state_dict,
-                              strip_prefixes, unknown_model, url_cached, url_hint)
+from ilias_ray.models import (
+    CNN_POOLINGS,
+    Backbone,
+    ModelSpec,
+    Weights,
+    load_into,
+    load_state_dict,
+    strip_prefixes,
+    unknown_model,
+    url_cached,
+    url_hint,
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,8 +67,9 @@ def drop_classifier(model: torch.nn.Module) -> tuple:
     return "", 0
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     spec(name)
     torch.manual_seed(0)  # --pretrained false: every actor builds the same random weights
     model = torchvision.models.get_model(name, weights=None)

@@ -46,11 +46,17 @@ def names() -> tuple:
 def spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise unknown_model("unc", name, names())
-    return ModelSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, patch=MODELS[name][1], poolings=("head",),
-                     weights=Weights("user checkpoint", None, hint=HINT, public=False))
+    return ModelSpec(
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch=MODELS[name][1],
+        poolings=("head",),
+        weights=Weights("user checkpoint", None, hint=HINT, public=False),
+    )
 
 
 # ---------------------------------------------------------------- reading the release file
+
 
 def _numpy_globals() -> list:
     """numpy arrays/scalars (UNIC's args carry numpy lr schedules): data only, no code to run."""
@@ -111,7 +117,7 @@ def encoder_state_dict(obj, path: str) -> dict:
     if any("encoder." in k for k in tensors):  # the whole student, as UNIC saves it
         tensors = {k.replace("module.", "").replace("encoder.", ""): v for k, v in tensors.items() if "encoder." in k}
     else:  # a bare encoder state dict
-        tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in tensors.items()}
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in tensors:
             raise UserError(f"--checkpoint {path} does not hold a UNIC encoder: no encoder key {key!r}")
@@ -121,14 +127,23 @@ def encoder_state_dict(obj, path: str) -> dict:
 
 # ---------------------------------------------------------------- the encoder
 
+
 def _create(arch: str, patch: int, grid: int, depth=None, layerscale=False, reg=0, mlp_ratio=None):
     import timm
 
     if arch not in ARCHS:
         raise UserError(f"UNIC encoder arch {arch!r} is not supported (known: {', '.join(ARCHS)})")
     template, dim, heads = ARCHS[arch]
-    kwargs = dict(pretrained=False, num_classes=0, dynamic_img_size=True, img_size=grid * patch, patch_size=patch,
-                  embed_dim=dim, num_heads=heads, init_values=1e-5 if layerscale else None)
+    kwargs = dict(
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        num_heads=heads,
+        init_values=1e-5 if layerscale else None,
+    )
     if depth is not None:
         kwargs["depth"] = depth
     if mlp_ratio is not None:
@@ -168,13 +183,16 @@ def encoder_from_checkpoint(path: str) -> torch.nn.Module:
     mlp_ratio = None if swiglu or fc1 is None else fc1.shape[0] / embed_dim
     arch = _arch_from(args, embed_dim, path)
     if embed_dim != ARCHS[arch][1]:  # the head count comes from the arch: a wrong one would load but mislead
-        raise UserError(f"--checkpoint {path} does not fit the UNIC encoder ({arch}): "
-                        f"the weights are {embed_dim} wide, {arch} is {ARCHS[arch][1]}")
+        raise UserError(
+            f"--checkpoint {path} does not fit the UNIC encoder ({arch}): "
+            f"the weights are {embed_dim} wide, {arch} is {ARCHS[arch][1]}"
+        )
     if swiglu != (ARCHS[arch][0] == "vit_giant_patch14_dinov2"):
         raise UserError(f"--checkpoint {path}: the encoder's feed-forward layers do not fit arch {arch!r}")
     reg = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    model = _create(arch, patch, grid, depth=depth,
-                    layerscale=any(".ls1.gamma" in k for k in sd), reg=reg, mlp_ratio=mlp_ratio)
+    model = _create(
+        arch, patch, grid, depth=depth, layerscale=any(".ls1.gamma" in k for k in sd), reg=reg, mlp_ratio=mlp_ratio
+    )
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     sd = dict(sd)
@@ -182,13 +200,15 @@ def encoder_from_checkpoint(path: str) -> torch.nn.Module:
     try:
         load_into(model, checkpoint_filter_fn(sd, model), path)
     except RuntimeError as e:  # shape mismatch
-        raise UserError(f"--checkpoint {path} does not fit the UNIC encoder ({arch}): "
-                        f"{str(e).splitlines()[-1].strip()[:300]}") from None
+        raise UserError(
+            f"--checkpoint {path} does not fit the UNIC encoder ({arch}): {str(e).splitlines()[-1].strip()[:300]}"
+        ) from None
     return model
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     s = spec(name)
     if checkpoint:
         model = encoder_from_checkpoint(str(checkpoint))
@@ -204,5 +224,6 @@ def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = Tru
     def head(x, f=model.forward_features):
         return f(x)[:, 0]  # x_norm_clstoken
 
-    return Backbone(model=model, dim=model.num_features, mean=s.mean, std=s.std,
-                    patch=model.patch_embed.patch_size[0], head=head)
+    return Backbone(
+        model=model, dim=model.num_features, mean=s.mean, std=s.std, patch=model.patch_embed.patch_size[0], head=head
+    )

@@ -23,8 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilias_ray.config import UserError, file_sha256
-from ilias_ray.models import (OPENAI_MEAN, OPENAI_STD, Backbone, ModelSpec, Weights, load_into, load_state_dict,
-                              unknown_model)
+from ilias_ray.models import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    Backbone,
+    ModelSpec,
+    Weights,
+    load_into,
+    load_state_dict,
+    unknown_model,
+)
 
 POOLINGS = ("head", "gap", "mac", "gem", "rmac", "rgem", "local")  # no class token: no `cls`
 PREFIXES = ("_orig_mod.", "module.")
@@ -46,20 +54,49 @@ class Arch:
 
 MODELS = {
     "unicom_vit_base_patch32_224": Arch(
-        224, 32, 768, 512, 12, 12, f"{_REL}/b32/FP16-ViT-B-32.pt",
-        "f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a"),
+        224,
+        32,
+        768,
+        512,
+        12,
+        12,
+        f"{_REL}/b32/FP16-ViT-B-32.pt",
+        "f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a",
+    ),
     "unicom_vit_base_patch16_224": Arch(
-        224, 16, 768, 768, 12, 12, f"{_REL}/b16/FP16-ViT-B-16.pt",
-        "c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef"),
+        224,
+        16,
+        768,
+        768,
+        12,
+        12,
+        f"{_REL}/b16/FP16-ViT-B-16.pt",
+        "c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef",
+    ),
     "unicom_vit_large_patch14_224": Arch(
-        224, 14, 1024, 768, 24, 16, f"{_REL}/l14/FP16-ViT-L-14.pt",
-        "ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd"),
+        224,
+        14,
+        1024,
+        768,
+        24,
+        16,
+        f"{_REL}/l14/FP16-ViT-L-14.pt",
+        "ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd",
+    ),
     "unicom_vit_large_patch14_336": Arch(
-        336, 14, 1024, 768, 24, 16, f"{_REL}/l14_336px/FP16-ViT-L-14-336px.pt",
-        "3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea"),
+        336,
+        14,
+        1024,
+        768,
+        24,
+        16,
+        f"{_REL}/l14_336px/FP16-ViT-L-14-336px.pt",
+        "3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea",
+    ),
     "unicom_vit_base_patch16_sop": Arch(224, 16, 768, 768, 12, 12, user_file="ViT_B_16_20_test_88.847.pt"),
-    "unicom_vit_base_patch16_gldv2": Arch(512, 16, 768, 768, 12, 12,
-                                          user_file="ViT_B_16_GLDv2_test_0.356_val_0.327.pt"),
+    "unicom_vit_base_patch16_gldv2": Arch(
+        512, 16, 768, 768, 12, 12, user_file="ViT_B_16_GLDv2_test_0.356_val_0.327.pt"
+    ),
 }
 
 
@@ -120,7 +157,7 @@ class UnicomViT(nn.Module):
     def __init__(self, a: Arch):
         super().__init__()
         self.side = a.input_size // a.patch  # the training grid is side x side
-        n = self.side ** 2
+        n = self.side**2
         self.patch_embed = PatchEmbed(a.patch, a.dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, n, a.dim))
         self.blocks = nn.ModuleList([Block(a.dim, a.heads) for _ in range(a.depth)])
@@ -183,12 +220,14 @@ def fetch(a: Arch) -> str:
         try:
             torch.hub.download_url_to_file(a.url, tmp, progress=False)
         except Exception as e:  # network errors: one clear line for the user
-            raise UserError(f"could not download {a.url} ({e}); download it into {cache_dir()} "
-                            f"or pass --checkpoint FILE") from e
+            raise UserError(
+                f"could not download {a.url} ({e}); download it into {cache_dir()} or pass --checkpoint FILE"
+            ) from e
         got = file_sha256(tmp)
         if got != a.sha256:
-            raise UserError(f"sha256 mismatch for the download of {a.url} (got {got}, want {a.sha256}); "
-                            f"delete it and retry")
+            raise UserError(
+                f"sha256 mismatch for the download of {a.url} (got {got}, want {a.sha256}); delete it and retry"
+            )
         os.replace(tmp, path)  # only a verified file ever gets the final name
     finally:
         if os.path.exists(tmp):
@@ -205,7 +244,7 @@ def strip_all(sd: dict) -> dict:
             changed = False
             for p in PREFIXES:
                 if k.startswith(p):
-                    k, changed = k[len(p):], True
+                    k, changed = k[len(p) :], True
         out[k] = v
     return out
 
@@ -235,8 +274,9 @@ def pad_multiple(name: str) -> int:
 def weights(a: Arch) -> Weights:
     if a.url is None:
         return Weights("user checkpoint", None, hint=a.user_file, public=False)
-    return Weights(a.url, os.path.exists(cached_path(a.url)),
-                   hint=f"download {a.url} into {cache_dir()} or pass --checkpoint FILE")
+    return Weights(
+        a.url, os.path.exists(cached_path(a.url)), hint=f"download {a.url} into {cache_dir()} or pass --checkpoint FILE"
+    )
 
 
 def arch(name: str) -> Arch:
@@ -247,12 +287,12 @@ def arch(name: str) -> Arch:
 
 def spec(name: str) -> ModelSpec:
     a = arch(name)
-    return ModelSpec(mean=OPENAI_MEAN, std=OPENAI_STD, patch=pad_multiple(name), poolings=POOLINGS,
-                     weights=weights(a))
+    return ModelSpec(mean=OPENAI_MEAN, std=OPENAI_STD, patch=pad_multiple(name), poolings=POOLINGS, weights=weights(a))
 
 
-def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True,
-          trust_remote_code: bool = False) -> Backbone:
+def build(
+    name: str, *, checkpoint: Optional[str] = None, pretrained: bool = True, trust_remote_code: bool = False
+) -> Backbone:
     a = arch(name)
     if not checkpoint and pretrained and a.url is None:
         raise UserError(f"{name}: no public weights; pass --checkpoint FILE ({a.user_file})")
@@ -268,5 +308,13 @@ def build(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = Tru
         torch.manual_seed(0)  # --pretrained false: every actor builds the same random weights
         model = UnicomViT(a)
     model.eval()
-    return Backbone(model=model, dim=a.embedding, mean=OPENAI_MEAN, std=OPENAI_STD, patch=pad_multiple(name),
-                    token_pool=False, head=model, features=model.forward_features)
+    return Backbone(
+        model=model,
+        dim=a.embedding,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        patch=pad_multiple(name),
+        token_pool=False,
+        head=model,
+        features=model.forward_features,
+    )

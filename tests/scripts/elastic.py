@@ -23,9 +23,21 @@ def model_actors() -> int:
 def main(yfcc: str, out: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": True})
     ray.init(address=cluster.address)
-    opts = dict(dataset_dir=yfcc, partition="distractors", model="vit_small_patch16_224", pretrained=False,
-                resolution=224, multiscale=True, multirotate=True, batch_size=2, webdl_batch_size=2,
-                num_workers=2, model_actors=3, use_gpu=True, tar_batch_size=100)  # fake GPUs: torch uses the CPU
+    opts = dict(
+        dataset_dir=yfcc,
+        partition="distractors",
+        model="vit_small_patch16_224",
+        pretrained=False,
+        resolution=224,
+        multiscale=True,
+        multirotate=True,
+        batch_size=2,
+        webdl_batch_size=2,
+        num_workers=2,
+        model_actors=3,
+        use_gpu=True,
+        tar_batch_size=100,
+    )  # fake GPUs: torch uses the CPU
     report = {}
 
     # 1. A node joins mid-run: the model pool grows onto it.
