@@ -56,6 +56,8 @@ def quiet_ray_data_console() -> None:
     log directory). ILIAS_RAY_DEBUG=1 keeps them on the console."""
     if os.environ.get("ILIAS_RAY_DEBUG"):
         return
+    import ray.data  # noqa: F401 - Ray Data adds its console handler when first imported: quiet it after that
+
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.CRITICAL)
