@@ -4,7 +4,6 @@ and `demo`."""
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import sys
@@ -57,19 +56,12 @@ def config_from_args(ns: argparse.Namespace) -> Config:
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's help with its default, unless the flag is required or its help already says
-    what the default is. A help declared as a callable is made when --help is shown (it may
-    import the model registry, which the command line itself does not)."""
+    what the default is."""
 
     def _get_help_string(self, action):
         if action.required or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-    def _format_action(self, action):
-        if callable(action.help):
-            action = copy.copy(action)
-            action.help = action.help()
-        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):

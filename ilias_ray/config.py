@@ -17,6 +17,21 @@ PARTITIONS = ("image_queries", "text_queries", "positives", "distractors", "uned
 TRANSFORMS = ("RESIZE_LARGE", "RESIZE_SMALL", "RESIZE_CENTER", "RESIZE_SQUARE", "RESIZE_PAD")
 POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")  # the one list: models/ takes it
 
+# --framework: each framework's module (ilias_ray.models imports it when the framework is used).
+# Declared here, not in ilias_ray.models, so that the command line lists them without importing torch.
+FRAMEWORKS = {
+    "timm": "ilias_ray.models.timm_models",
+    "tv": "ilias_ray.models.tv",
+    "och": "ilias_ray.models.och",
+    "fb": "ilias_ray.models.fb",
+    "cvn": "ilias_ray.models.cvn",
+    "hier": "ilias_ray.models.hier",
+    "unicom": "ilias_ray.models.unicom",
+    "unc": "ilias_ray.models.unc",
+    "hf": "ilias_ray.models.hf",
+    "text": "ilias_ray.models.text",
+}
+
 SCALES = (0.707, 1.0, 1.414)
 ANGLES = (0, 90, 180, 270)
 
@@ -47,20 +62,13 @@ def setting(
 ):
     """A Config field and everything said about it, in one place.
 
-    default: MISSING makes the flag required. help: the `--flag`'s help (a callable is called when
-    --help is shown: it may import what the command line itself must not). output: the setting
+    default: MISSING makes the flag required. help: the `--flag`'s help. output: the setting
     decides the numbers in an output file (it is in the fingerprint; a rerun must match it to
     reuse a file). run: recorded in a file's `run` attribute (where and how it was made, not
     what). flag: False for what validate() fills in. choices, minimum: checked by validate(), and
     choices by argparse too."""
     meta = dict(help=help, output=output, run=run, flag=flag, choices=choices, minimum=minimum)
     return field(default=default, metadata=meta)
-
-
-def _frameworks_help() -> str:
-    from ilias_ray.models import FRAMEWORKS  # imports torch: only when --help is shown
-
-    return f"model codebase: one of {', '.join(FRAMEWORKS)} (text: the text tower, for --partition text_queries)"
 
 
 @dataclass
@@ -71,7 +79,11 @@ class Config:
     hdf5_name: str = setting("features", "base name of the HDF5 files")
     hdf5_compression: int = setting(0, "gzip level for the features dataset (0 = none)")
     overwrite: bool = setting(False, "replace existing feature files")
-    framework: str = setting("timm", _frameworks_help, output=True)
+    framework: str = setting(
+        "timm",
+        f"model codebase: one of {', '.join(FRAMEWORKS)} (text: the text tower, for --partition text_queries)",
+        output=True,
+    )
     model: str = setting("vit_large_patch16_siglip_384.webli", "model name in the framework", output=True)
     pooling: str = setting(
         "head", "how a model's features become one vector (local: one per token)", output=True, choices=POOLINGS

@@ -61,6 +61,7 @@ A_SETTINGS, A_FINGERPRINT, A_RUN, A_VERSIONS, A_UNITS = "ilias_ray_settings", "f
 A_ROWS, A_SKIPPED, A_DROPPED, A_DUPLICATES = "num_rows", "num_skipped", "duplicates_dropped", "num_input_duplicates"
 A_COMPLETE = "complete"
 ATTRS = (A_SETTINGS, A_FINGERPRINT, A_RUN, A_VERSIONS, A_UNITS, A_ROWS, A_SKIPPED, A_DROPPED, A_DUPLICATES, A_COMPLETE)
+ATTRS_SINCE_0_1 = (A_DUPLICATES,)  # added during 0.1: files of earlier builds lack them (a warning in verify)
 
 
 def kind_matches(field: Field, dtype) -> bool:

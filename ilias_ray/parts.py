@@ -11,7 +11,8 @@ beside the output (`parts_location`):
 
 Both part files are written in a local staging folder (the parts folder itself when local) and
 published when the unit is done (a rename, or an upload to a bucket); the staged copy stays for
-the assembly. This module is the only one that knows these names and formats.
+the assembly. This module is the only one that knows these names and file formats; the sink and
+the assembly read a record's fields (RECORD_FIELDS).
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from ilias_ray.config import Config, UserError
-from ilias_ray.hdf5_out import output_status, partial_path
+from ilias_ray.hdf5_out import SUFFIX, output_status, partial_path
 from ilias_ray.parts import PartsStore, finished_units, parts_location
 from ilias_ray.storage import Location, iter_lines
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "JPG", "JPEG", "PNG"}
-LISTING_THREADS = 16  # concurrent small reads (box files, part records) from a bucket
+LISTING_THREADS = 16  # concurrent small reads (box files) from a bucket
 
 
 def escape_id(path: str) -> str:
@@ -235,7 +235,7 @@ def make_plan(cfg: Config) -> Plan:
         chunks, sizes = _tar_chunks(cfg)
         groups = []
         for file_id, shards in chunks:
-            name = f"{cfg.hdf5_name}_distractors_{file_id:05d}.hdf5"
+            name = f"{cfg.hdf5_name}_distractors_{file_id:05d}{SUFFIX}"
             # A shard replaced by another of the same name must not pass for the one that was read.
             settings = dict(base, shards=shards, shard_sizes=[sizes[s] for s in shards])
             groups.append((name, [("tar", s) for s in shards], settings))
@@ -243,7 +243,7 @@ def make_plan(cfg: Config) -> Plan:
         selected, sizes = None, {}
         items = _folder_items(cfg)
         kind = "text" if cfg.partition == "text_queries" else "folder"
-        name = f"{cfg.hdf5_name}_{cfg.partition}.hdf5"
+        name = f"{cfg.hdf5_name}_{cfg.partition}{SUFFIX}"
         groups = [(name, [(kind, items)], dict(base, rows=len(items)))]
 
     out_dir = Location.of(cfg.hdf5_dir)

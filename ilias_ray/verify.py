@@ -1,9 +1,10 @@
 """`ilias-ray verify --hdf5_dir DIR`: check every output file, print a table, fail on any problem.
 
 Checks per file: marked complete, the datasets and attributes that hdf5_out declares present
-(datasets with their declared types), row counts agree, IDs unique (IDs the input
-itself repeats, recorded in `duplicate_index`, are warnings), no NaN/inf, unit-norm vectors,
-settings recorded; warnings for a unit (shard) that ended early and for a file with 0 rows.
+(datasets with their declared types; those an older ilias-ray did not write yet are warnings),
+row counts agree, IDs unique (IDs the input itself repeats, recorded in `duplicate_index`, are
+warnings), no NaN/inf, unit-norm vectors, settings recorded; warnings for a unit (shard) that
+ended early and for a file with 0 rows.
 Across files: distractor chunk numbers have no gaps in the recorded shard range, and no run was
 left unfinished (`.partial` files, `.parts` folders). `--strict` makes warnings fail too.
 """
@@ -102,9 +103,14 @@ def check_schema(f, rep: Report, local: bool) -> None:
     for d in wanted:
         if d.name in f and not schema.kind_matches(d, f[d.name].dtype):
             rep.problems.append(f"'{d.name}' has dtype {f[d.name].dtype}, not the declared {d.kind}")
-    absent = [a for a in schema.ATTRS if a not in f.attrs and a != schema.A_COMPLETE]
-    if absent:  # the numbers are checked above; an older ilias-ray wrote fewer attributes
-        rep.warnings.append(f"missing attribute(s): {', '.join(absent)} (made by an older ilias-ray?)")
+    absent = [a for a in schema.ATTRS if a not in f.attrs and a != schema.A_COMPLETE]  # `complete`: its own problem
+    if [a for a in absent if a not in schema.ATTRS_SINCE_0_1]:
+        rep.problems.append(f"missing attribute(s): {', '.join(a for a in absent if a not in schema.ATTRS_SINCE_0_1)}")
+    if [a for a in absent if a in schema.ATTRS_SINCE_0_1]:
+        rep.warnings.append(
+            f"missing attribute(s): {', '.join(a for a in absent if a in schema.ATTRS_SINCE_0_1)} "
+            "(made by an older ilias-ray?)"
+        )
 
 
 def check_open_file(f, rep: Report) -> None:

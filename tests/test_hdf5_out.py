@@ -78,6 +78,7 @@ def unit_norm(f):
             "'skipped_reason' has dtype int64, not the declared utf-8",
             "problem",
         ),
+        (lambda f: f.attrs.__delitem__("units"), "missing attribute(s): units", "problem"),
         # What an older ilias-ray did not write is a warning: `verify` passes, `verify --strict` does not.
         (
             lambda f: f.attrs.__delitem__("num_input_duplicates"),

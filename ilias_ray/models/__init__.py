@@ -16,7 +16,7 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
-from ilias_ray.config import POOLINGS, UserError
+from ilias_ray.config import FRAMEWORKS, POOLINGS, UserError  # noqa: F401 - FRAMEWORKS is this registry's
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,19 +24,6 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ALL_POOLINGS = POOLINGS  # declared once, as the --pooling choices (ilias_ray.config)
 CNN_POOLINGS = tuple(p for p in ALL_POOLINGS if p != "cls")
-
-FRAMEWORKS = {
-    "timm": "ilias_ray.models.timm_models",
-    "tv": "ilias_ray.models.tv",
-    "och": "ilias_ray.models.och",
-    "fb": "ilias_ray.models.fb",
-    "cvn": "ilias_ray.models.cvn",
-    "hier": "ilias_ray.models.hier",
-    "unicom": "ilias_ray.models.unicom",
-    "unc": "ilias_ray.models.unc",
-    "hf": "ilias_ray.models.hf",
-    "text": "ilias_ray.models.text",
-}
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import nn
 
 from ilias_ray.config import UserError, file_sha256
 from ilias_ray.models import (
+    CNN_POOLINGS,
     OPENAI_MEAN,
     OPENAI_STD,
     Backbone,
@@ -34,7 +35,7 @@ from ilias_ray.models import (
     unknown_model,
 )
 
-POOLINGS = ("head", "gap", "mac", "gem", "rmac", "rgem", "local")  # no class token: no `cls`
+POOLINGS = CNN_POOLINGS  # no class token: no `cls`
 PREFIXES = ("_orig_mod.", "module.")
 _REL = "https://github.com/deepglint/unicom/releases/download"
 
