@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
 import pyarrow as pa
 
 
@@ -75,6 +76,18 @@ class Stage:
         return tuple(c for c in given if c not in self.drops) + tuple(c for c in self.adds if c not in given)
 
 
+# What the sink emits: one progress row per output file it touched, for the driver.
+PROGRESS_COLUMNS = {
+    "out": np.int32,
+    "rows": np.int64,
+    "skipped": np.int64,
+    "fraction": np.float64,
+    "finished": bool,
+    "truncated": np.int64,
+    "duplicates": np.int64,
+    "retries": np.int64,
+}
+
 READ = Stage("read", needs=(), adds=tuple(READ_SCHEMA.names))
 DECODE = Stage("decode", needs=ROUTING + ("data", "boxes"), adds=("img", "h", "w", "mask"), drops=("boxes",))
 EMBED = Stage(
@@ -86,7 +99,7 @@ EMBED = Stage(
 SINK = Stage(
     "sink",
     needs=ROUTING + ("feat", "nvec"),
-    adds=("rows", "skipped", "fraction", "finished", "truncated", "duplicates", "retries"),
+    adds=tuple(c for c in PROGRESS_COLUMNS if c != "out"),
     drops=tuple(c for c in ROUTING if c != "out") + ("feat", "nvec"),
 )
 STAGES = (READ, DECODE, EMBED, SINK)  # in data-flow order

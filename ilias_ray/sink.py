@@ -21,18 +21,7 @@ from ilias_ray import faults
 from ilias_ray.config import UserError
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, assemble
 from ilias_ray.parts import PartWriter
-from ilias_ray.rows import SINK, Kind
-
-PROGRESS_COLUMNS = {
-    "out": np.int32,
-    "rows": np.int64,
-    "skipped": np.int64,
-    "fraction": np.float64,
-    "finished": bool,
-    "truncated": np.int64,
-    "duplicates": np.int64,
-    "retries": np.int64,
-}
+from ilias_ray.rows import PROGRESS_COLUMNS, SINK, Kind
 
 
 class UnitRows:

@@ -17,8 +17,19 @@ from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec
 from ilias_ray.plan import Unit
 from ilias_ray.preprocess import decode_batch
 from ilias_ray.read import read_tar
-from ilias_ray.rows import DECODE, EMBED, READ, READ_SCHEMA, ROUTING, SINK, STAGES, Kind, StageInputError
-from ilias_ray.sink import PROGRESS_COLUMNS, Sink
+from ilias_ray.rows import (
+    DECODE,
+    EMBED,
+    PROGRESS_COLUMNS,
+    READ,
+    READ_SCHEMA,
+    ROUTING,
+    SINK,
+    STAGES,
+    Kind,
+    StageInputError,
+)
+from ilias_ray.sink import Sink
 from ilias_ray.storage import Location
 from stages import decoder, embedder
 
