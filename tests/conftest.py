@@ -84,6 +84,7 @@ KILL_OPTS = dict(
     webdl_batch_size=4,
     num_workers=1,
 )
+KILL_FLAGS = [f"--{k}={v}" for k, v in KILL_OPTS.items()]  # the same, as command-line flags
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_OPTS
+from conftest import KILL_FLAGS, KILL_OPTS
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
 
@@ -103,7 +103,7 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(
     out = tmp_path / "out"
     final = out / uninterrupted.name
     parts = out / (final.name + ".parts")
-    args = [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    args = KILL_FLAGS
     env = dict(os.environ)
     if point == "assembling":
         env.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:sleep")  # the sink pauses half-way through the copy
@@ -163,7 +163,7 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
         str(tmp_path / "out"),
         "--address",
         address,
-        *[f"--{k}={v}" for k, v in KILL_OPTS.items()],
+        *KILL_FLAGS,
         env=env,
     )
     assert p.returncode == 0, p.stderr[-3000:]

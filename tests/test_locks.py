@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import KILL_OPTS
+from conftest import KILL_FLAGS
 from s3 import listing, make_bucket
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
@@ -55,7 +55,7 @@ def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_blo
         str(out),
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
-    ] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    ] + KILL_FLAGS
     first = start(args)
     parts = out / (uninterrupted.name + ".parts")
     wait_for(lambda: parts.is_dir(), first)  # it holds the lock and has started writing
@@ -81,7 +81,7 @@ def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_bl
         "s3://out-lock/f",
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
-    ] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    ] + KILL_FLAGS
     first = start(args, env)
     wait_for(lambda: "features_distractors_00000.hdf5.lock" in listing("out-lock/f"), first)
     t = time.time()

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_OPTS
+from conftest import KILL_FLAGS
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
 
@@ -32,7 +32,7 @@ def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sampl
         str(out),
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
-    ] + [f"--{k}={v}" for k, v in KILL_OPTS.items()]
+    ] + KILL_FLAGS
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:raise")
     p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and sorted(q.name for q in parts.glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
