@@ -5,6 +5,7 @@ ILIAS_RAY_FAULT="SITE:ACTION[,SITE:ACTION...]" makes `hit(SITE)` do ACTION:
   exit    end the process at once, as a crash or an out-of-memory kill would
   enospc  raise OSError(ENOSPC), as a full disk would
   sleep   sleep 30 s (gives a test time to kill the run at that point)
+  slow=MS sleep MS milliseconds at every hit (a run that takes long to stop part-way, at no CPU cost)
   oom>N   raise torch's OutOfMemoryError when the call handles more than N images
 With ILIAS_RAY_FAULT_ONCE=PATH a fault fires once in the whole run, across processes and actor
 restarts: the first process to create PATH.SITE fires it, later ones see it and go on.
@@ -25,7 +26,7 @@ import time
 from typing import Optional
 
 SITES = ("embed", "forward", "sink_write", "assemble")
-ACTION = re.compile(r"^(raise|exit|enospc|sleep|oom>(\d+))$")
+ACTION = re.compile(r"^(raise|exit|enospc|sleep|oom>(\d+)|slow=(\d+))$")
 
 
 def active() -> bool:
@@ -41,9 +42,9 @@ def parse(spec: str) -> list:
         if site not in SITES or not m:
             raise ValueError(
                 f"ILIAS_RAY_FAULT: {item!r} is not SITE:ACTION (sites: {', '.join(SITES)}; "
-                "actions: raise, exit, enospc, sleep, oom>N)"
+                "actions: raise, exit, enospc, sleep, oom>N, slow=MS)"
             )
-        out.append((site, action.split(">")[0], int(m.group(2) or 0)))
+        out.append((site, re.split("[>=]", action)[0], int(m.group(2) or m.group(3) or 0)))
     return out
 
 
@@ -67,6 +68,9 @@ def hit(site: str, n: int = 0) -> None:
     if not active():
         return
     for where, action, limit in parse(os.environ["ILIAS_RAY_FAULT"]):
+        if where == site and action == "slow":
+            time.sleep(limit / 1000)
+            continue
         if where != site or (action == "oom" and n <= limit) or not _first(site):
             continue
         if action == "raise":

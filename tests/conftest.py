@@ -72,12 +72,13 @@ def s3_server():
     proc.wait(timeout=30)
 
 
-# A run slow enough to be stopped part-way (TTA at 160 px, small batches, one decode task).
+# The run that tests stop part-way, resume and fault: TTA at 64 px (cheap), small batches, one
+# decode task. `slowed` makes it slow to stop at a chosen point, with sleeps, not CPU work.
 KILL_OPTS = dict(
     partition="distractors",
     model=VIT,
     pretrained=False,
-    resolution=160,
+    resolution=64,
     multiscale=True,
     multirotate=True,
     batch_size=4,
@@ -85,6 +86,13 @@ KILL_OPTS = dict(
     num_workers=1,
 )
 KILL_FLAGS = [f"--{k}={v}" for k, v in KILL_OPTS.items()]  # the same, as command-line flags
+
+
+def slowed(ms: int = 1000, env=None, fault: str = "") -> dict:
+    """An environment whose runs sleep `ms` per model batch (15 batches in a KILL_OPTS run over the
+    sample's 3 shards, 2 actors): time to stop them part-way, without slowing the tests' CPUs."""
+    faults = ",".join(filter(None, [f"embed:slow={ms}", fault]))
+    return dict(env if env is not None else os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=faults)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_FLAGS, KILL_OPTS
+from conftest import KILL_FLAGS, KILL_OPTS, slowed
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
 
@@ -104,9 +104,10 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(
     final = out / uninterrupted.name
     parts = out / (final.name + ".parts")
     args = KILL_FLAGS
-    env = dict(os.environ)
     if point == "assembling":
-        env.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:sleep")  # the sink pauses half-way through the copy
+        env = slowed(0, fault="assemble:sleep")  # the sink pauses half-way through the copy
+    else:
+        env = slowed(1000)  # about 2.5 s a shard: time to stop after one of the 3
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out), "--address", address] + args,

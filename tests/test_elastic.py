@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from conftest import slowed
 from ilias_ray.sample import build_yfcc_like
 
 SCRIPT = Path(__file__).parent / "scripts" / "elastic.py"
@@ -26,7 +27,9 @@ def test_pool_grows_with_nodes_and_survives_losing_one(tmp_path):
     # Many small shards: blocks are still waiting for the model stage when the new node joins.
     yfcc = tmp_path / "yfcc"
     build_yfcc_like(yfcc, 60, per_shard=5)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # 30 model batches of 1 s each: 30 s on one node, while a node is added or removed (the nodes' workers
+    # inherit the setting).
+    env = slowed(1000, dict(os.environ, RAY_AUTH_MODE="disabled"))
     env.pop("RAY_ADDRESS", None)
     p = subprocess.run(
         [sys.executable, str(SCRIPT), str(yfcc), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import KILL_FLAGS
+from conftest import KILL_FLAGS, slowed
 from s3 import listing, make_bucket
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
@@ -56,7 +56,7 @@ def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_blo
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
     ] + KILL_FLAGS
-    first = start(args)
+    first = start(args, slowed(5000))  # still running when the second run comes
     parts = out / (uninterrupted.name + ".parts")
     wait_for(lambda: parts.is_dir(), first)  # it holds the lock and has started writing
     second_run_refused(args, first)
@@ -82,7 +82,7 @@ def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_bl
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
     ] + KILL_FLAGS
-    first = start(args, env)
+    first = start(args, slowed(5000, env))  # still running when the second run comes
     wait_for(lambda: "features_distractors_00000.hdf5.lock" in listing("out-lock/f"), first)
     t = time.time()
     p = second_run_refused(args, first, env)

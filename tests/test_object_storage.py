@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import KILL_FLAGS, VIT, one_line_error
+from conftest import KILL_FLAGS, VIT, one_line_error, slowed
 from ilias_ray import cli
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
@@ -170,7 +170,7 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, samp
     make_bucket("out-resume")
     out = "s3://out-resume/f"
     args = KILL_FLAGS
-    first = dict(os.environ, ILIAS_RAY_STAGING_DIR=str(tmp_path / "staging1"))
+    first = slowed(1000, dict(os.environ, ILIAS_RAY_STAGING_DIR=str(tmp_path / "staging1")))  # stopped part-way
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address, *args],

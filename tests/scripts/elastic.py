@@ -1,6 +1,8 @@
 """Run by tests/test_elastic.py in its own process: a multi-node cluster on one machine
 (`ray.cluster_utils.Cluster`), a node added mid-run, then a node removed mid-run. Nodes carry fake
-GPUs, as when an autoscaler adds GPU nodes: Ray places one model actor per GPU, torch runs on CPU."""
+GPUs, as when an autoscaler adds GPU nodes: Ray places one model actor per GPU, torch runs on CPU.
+Each model batch sleeps (ILIAS_RAY_FAULT=embed:slow=..., set by the test) so that the runs last
+while nodes come and go, without loading the machine's CPUs."""
 
 import json
 import sys
@@ -26,11 +28,9 @@ def main(yfcc: str, out: str) -> None:
     opts = dict(
         dataset_dir=yfcc,
         partition="distractors",
-        model="vit_small_patch16_224",
+        model="vit_tiny_patch16_224",
         pretrained=False,
-        resolution=224,
-        multiscale=True,
-        multirotate=True,
+        resolution=64,
         batch_size=2,
         webdl_batch_size=2,
         num_workers=2,
