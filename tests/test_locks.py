@@ -1,5 +1,8 @@
 """One writer per output: a second run on an output being written stops at once with one line
-that names the first; a run that was killed never blocks the rerun. Local folder and bucket."""
+that names the first; a run that was killed never blocks the rerun. Local folder and bucket.
+
+The first run is a process of its own (it holds the lock, and is killed); the second and third
+run in the test's process, on the session's cluster."""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import subprocess
 import sys
 import time
 
-from conftest import KILL_FLAGS, slowed
+from conftest import KILL_FLAGS, KILL_OPTS, slowed
+from ilias_ray.config import Config
+from ilias_ray.pipeline import run
 from s3 import listing, make_bucket
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 
 
-def start(args, env=None):
+def start(args, env):
     return subprocess.Popen(
         CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -29,14 +34,20 @@ def wait_for(cond, proc, timeout=240):
         time.sleep(0.1)
 
 
-def second_run_refused(args, first, env=None):
-    p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+def second_run_refused(args, first, capsys) -> str:
+    """The second run (in this process) fails before any Ray work on the output, with exit status 2
+    and one line that names the first; returns what it printed on stdout."""
+    from ilias_ray import cli
+
+    capsys.readouterr()
+    rc = cli.main(["extract"] + args)
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
     assert "features_distractors_00000.hdf5 is being written by another run (host" in lines[0]
     assert f"pid {first.pid}," in lines[0] and "ray job stop" in lines[0]
-    assert "extracting" not in p.stdout  # refused before any Ray work on the output
-    return p
+    assert "extracting" not in out.out  # refused before any Ray work on the output
+    return out.out
 
 
 def kill(proc):
@@ -45,7 +56,7 @@ def kill(proc):
 
 
 def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_block(
-    ray_cluster, sample, tmp_path, uninterrupted
+    ray_cluster, sample, tmp_path, uninterrupted, capsys
 ):
     out = tmp_path / "out"
     args = [
@@ -59,21 +70,20 @@ def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_blo
     first = start(args, slowed(5000))  # still running when the second run comes
     parts = out / (uninterrupted.name + ".parts")
     wait_for(lambda: parts.is_dir(), first)  # it holds the lock and has started writing
-    second_run_refused(args, first)
+    second_run_refused(args, first, capsys)
     assert first.poll() is None  # the first run goes on
     kill(first)  # the OS drops its lock; its lock file may stay behind
-    p = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))["written"]
     assert (out / uninterrupted.name).exists() and not (out / (uninterrupted.name + ".lock")).exists()
 
 
 def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_block(
-    ray_cluster, s3_server, sample, tmp_path
+    ray_cluster, s3_server, sample, tmp_path, capsys, monkeypatch
 ):
     make_bucket("out-lock")
     from ilias_ray.sample import build_sample  # noqa: F401 - the sample fixture made the shards already
 
-    env = dict(os.environ, ILIAS_RAY_LEASE_S="6")  # renewed every 2 s; a dead lease is taken after 6 s
+    monkeypatch.setenv("ILIAS_RAY_LEASE_S", "6")  # renewed every 2 s; a dead lease is taken after 6 s
     args = [
         "--dataset_dir",
         str(sample["yfcc"]),
@@ -82,12 +92,11 @@ def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_bl
         "--address",
         ray_cluster.get_runtime_context().gcs_address,
     ] + KILL_FLAGS
-    first = start(args, slowed(5000, env))  # still running when the second run comes
+    first = start(args, slowed(5000))  # still running when the second run comes
     wait_for(lambda: "features_distractors_00000.hdf5.lock" in listing("out-lock/f"), first)
     t = time.time()
-    p = second_run_refused(args, first, env)
-    assert "waiting up to 6 s" in p.stdout and time.time() - t < 60  # it saw the lease renewed
+    said = second_run_refused(args, first, capsys)
+    assert "waiting up to 6 s" in said and time.time() - t < 60  # it saw the lease renewed
     kill(first)  # its lease is not renewed any more
-    p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir="s3://out-lock/f", **KILL_OPTS))["written"]
     assert listing("out-lock/f") == ["features_distractors_00000.hdf5"]  # the lease is gone with the run

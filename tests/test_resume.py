@@ -13,14 +13,14 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_FLAGS
+from conftest import KILL_FLAGS, KILL_OPTS
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 
 
-def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sample, tmp_path, uninterrupted):
+def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sample, tmp_path, capsys, uninterrupted):
     """Every shard is finished but the run dies while assembling; one part file is then damaged.
     The rerun redoes that shard, instead of crashing in assembly or copying the damage."""
     out = tmp_path / "out"
@@ -38,9 +38,9 @@ def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sampl
     assert p.returncode != 0 and sorted(q.name for q in parts.glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
     feat = parts / "0.feat"
     feat.write_bytes(feat.read_bytes()[:-10])  # a torn write the record does not describe
-    p = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming: 2 of 3 unit(s) already done" in p.stdout
+    capsys.readouterr()
+    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))  # the rerun, in this process
+    assert "resuming: 2 of 3 unit(s) already done" in capsys.readouterr().out
     with h5py.File(out / uninterrupted.name) as a, h5py.File(uninterrupted) as b:
         assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
         np.testing.assert_allclose(
