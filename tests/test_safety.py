@@ -48,6 +48,30 @@ def test_a_malformed_fault_setting_is_one_line_before_ray(sample, tmp_path, caps
     assert "ILIAS_RAY_FAULT: 'embed:explode' is not SITE:ACTION" in err
 
 
+def test_fault_settings_parse_and_slow_sleeps_at_every_hit(monkeypatch):
+    """The actions tests use, as parsed; `slow=MS` sleeps at every hit (the runs tests stop part-way)."""
+    import time
+
+    from ilias_ray import faults
+
+    assert faults.parse("embed:slow=250, forward:oom>3,assemble:sleep") == [
+        ("embed", "slow", 250),
+        ("forward", "oom", 3),
+        ("assemble", "sleep", 0),
+    ]
+    monkeypatch.setenv("ILIAS_RAY_FAULT", "embed:slow=150")
+    monkeypatch.delenv("ILIAS_RAY_TESTING", raising=False)
+    t = time.monotonic()
+    faults.hit("embed")  # inert without the test switch
+    assert time.monotonic() - t < 0.1
+    monkeypatch.setenv("ILIAS_RAY_TESTING", "1")
+    t = time.monotonic()
+    faults.hit("embed")
+    faults.hit("embed")
+    faults.hit("forward")  # another site: no sleep
+    assert 0.3 <= time.monotonic() - t < 1.5
+
+
 def test_listed_files_cannot_leave_the_dataset_dir(sample, tmp_path, capsys):
     """`..` or an absolute path in --selected_ids would read files outside --dataset_dir."""
     core = tmp_path / "core"
