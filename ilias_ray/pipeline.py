@@ -333,7 +333,9 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     from ilias_ray.read import IliasDatasource
 
     pool = model_pool(cfg, ray)
-    source = IliasDatasource(plan.units, plan.selected_keys)
+    # The --selected_ids keys go to the object store once; read tasks carry a reference to them.
+    keys = None if plan.selected_keys is None else ray.put(plan.selected_keys)
+    source = IliasDatasource(plan.units, keys)
     # A few hundred folder images are one read task: no point starting more actors than that.
     pool.min_actors = max(1, min(pool.min_actors, source.num_tasks()))
     decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))

@@ -94,7 +94,7 @@ def marker_note(end: str, duplicates: list, retries: int = 0) -> str:
     return json.dumps({"end": end, "duplicates": duplicates, "retries": retries})
 
 
-def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
+def read_tar(unit: Unit, selected) -> Iterator[pa.Table]:
     """Stream one shard: one row per sample (image or skip), then one MARKER row.
 
     A shard that cannot be read fails the task with one line naming it; one whose reads keep
@@ -114,7 +114,7 @@ def read_tar(unit: Unit, selected: Optional[frozenset]) -> Iterator[pa.Table]:
             rows.restart()
 
 
-def _scan_tar(unit: Unit, selected: Optional[frozenset], rows: _Rows, retried: int) -> Iterator[pa.Table]:
+def _scan_tar(unit: Unit, selected, rows: _Rows, retried: int) -> Iterator[pa.Table]:
     """One pass over the shard. Member names are only split into key and extension, never used
     as file system paths. A key the shard repeats gives one row per occurrence; the marker lists
     such IDs. A tar that is not one, or ends early, is data: the marker records why."""
@@ -203,10 +203,22 @@ def read_folder(unit: Unit, start: int) -> Iterator[pa.Table]:
         yield rows.take()
 
 
-class IliasDatasource(Datasource):
-    """One read task per tar shard, and one per FOLDER_TASK_ROWS folder files."""
+def shared_keys(selected):
+    """What a read task filters by: the --selected_ids keys themselves, or, passed as an ObjectRef
+    (pipeline.build_dataset puts them in the object store once), the object it refers to."""
+    import ray
 
-    def __init__(self, units: list, selected: Optional[frozenset] = None):
+    return ray.get(selected) if isinstance(selected, ray.ObjectRef) else selected
+
+
+class IliasDatasource(Datasource):
+    """One read task per tar shard, and one per FOLDER_TASK_ROWS folder files.
+
+    `selected` (distractors' --selected_ids) should be an ObjectRef to a plan.KeySet: each tar
+    task then carries the reference, not the keys (5M IDs pickled into 1,000 tasks cost minutes
+    and gigabytes)."""
+
+    def __init__(self, units: list, selected=None):
         super().__init__()
         self.units = units
         self.selected = selected
@@ -225,7 +237,7 @@ class IliasDatasource(Datasource):
         for u in self.todo():
             if u.kind == "tar":
                 meta = BlockMetadata(num_rows=None, size_bytes=u.size, input_files=[str(u.src)], exec_stats=None)
-                tasks.append(ReadTask(lambda u=u: read_tar(u, sel), meta, schema=READ_SCHEMA))
+                tasks.append(ReadTask(lambda u=u: read_tar(u, shared_keys(sel)), meta, schema=READ_SCHEMA))
                 continue
             for start in range(0, len(u.items), FOLDER_TASK_ROWS):
                 # Each task gets only its slice of the file list.

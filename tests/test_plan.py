@@ -57,3 +57,25 @@ def test_escape_id_matches_independent(p):
     got = plan.escape_id(p)
     assert got == ref_escape(p)
     assert got.isascii()
+
+
+def test_keyset_is_exact_membership_over_utf8_keys():
+    """plan.KeySet against Python's own set on the same IDs: no prefix, truncation or case matches."""
+    ids = ["1000", "00001.tar/1001000", "café_7", "9" * 40, "12", "b", "10"]
+    keys = plan.KeySet(ids + ["1000"])  # a repeated ID counts once
+    assert len(keys) == len(set(ids))
+    probes = ids + [
+        "100",
+        "10000",
+        "1",
+        "",
+        "cafe_7",
+        "café",
+        "9" * 39,
+        "9" * 41,
+        "9" * 40 + "x",
+        "B",
+        "00001.tar/1001",
+    ]
+    for p in probes:
+        assert (p in keys) == (p in set(ids)), p

@@ -115,3 +115,23 @@ def test_truncated_inside_a_member_not_read_is_still_truncated(tmp_path):
         assert [(r["id"], r["kind"]) for r in rows[:-1]] == [("cut.tar/a", Kind.TAR_IMAGE)]
         assert rows[0]["data"] == b"A" * 3000
         assert end(rows[-1]).startswith("truncated") and rows[-1]["pos"] == 1
+
+
+def test_selected_keys_reach_read_tasks_by_reference(ray_cluster, sample):
+    """The --selected_ids keys go to the object store once: a read task's pickled size is about
+    2 KB for 3 IDs and for a million (the keys themselves are 8 MB), and it reads only the listed keys."""
+    from ray import cloudpickle
+
+    from ilias_ray.plan import KeySet
+
+    path = sample["yfcc"] / "00000.tar"
+    unit = Unit(uid=3, out=0, kind="tar", name=path.name, src=Location.of(str(path)), size=path.stat().st_size)
+    listed = [k.split("/")[1] for k in sample["distractor_keys"][2:5]]
+    sizes = []
+    for extra in (0, 1_000_000):
+        ref = ray_cluster.put(KeySet(listed + [f"x{i}" for i in range(extra)]))
+        (task,) = read.IliasDatasource([unit], ref).get_read_tasks(1)
+        sizes.append(len(cloudpickle.dumps(task)))
+        rows = pa.concat_tables(list(task())).to_pylist()
+        assert [r["id"] for r in rows[:-1]] == sample["distractor_keys"][2:5]
+    assert max(sizes) < 20_000 and abs(sizes[0] - sizes[1]) < 100, sizes
