@@ -29,7 +29,6 @@ Shards should be several times storage.CHUNK (8 MiB): --per_shard 1000 gives abo
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -38,7 +37,6 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,6 +46,7 @@ import torch  # noqa: E402
 from ilias_ray.config import Config  # noqa: E402
 from ilias_ray.preprocess import prepare  # noqa: E402
 from ilias_ray.sample import build_yfcc_like  # noqa: E402
+from report import report  # noqa: E402
 
 
 def jpegs(shards) -> list:
@@ -415,16 +414,6 @@ def main() -> int:
                 shard_dir, os.path.join(out_dir, f"mem{per_file}"), per_file, args
             )
     return report(res, args.json)
-
-
-def report(res: dict, path: Optional[str] = None) -> int:
-    width = max(map(len, res))
-    for k, v in res.items():
-        print(f"{k.ljust(width)}  {v}")
-    if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
-    return 0
 
 
 def read_floors(shards: list, c: dict, s3: bool) -> dict:

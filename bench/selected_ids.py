@@ -17,7 +17,6 @@ Shards are tiny, so the numbers are per-task overheads, not read throughput. Pri
 
 import argparse
 import io
-import json
 import os
 import platform
 import resource
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report import report  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -136,11 +137,7 @@ def main() -> None:
     out["driver_peak_rss_mib"] = round(peak_rss_mib())
     ray.shutdown()
 
-    width = max(map(len, out))
-    for k, v in out.items():
-        print(f"{k:<{width}}  {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    report(out, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ also timed alone. Goal (issue 13): 50,000 rows/s, 50 GPUs at 1,000 img/s each. -
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ from ilias_ray.read import marker_note  # noqa: E402
 from ilias_ray.rows import Kind  # noqa: E402
 from ilias_ray.sink import Sink  # noqa: E402
 from ilias_ray.storage import Location  # noqa: E402
+from report import report  # noqa: E402
 
 COLUMNS = ("seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec")
 
@@ -106,11 +106,7 @@ def main() -> None:
         "file_mib": round((tmp / spec.name).stat().st_size / 2**20, 1),
         "goal_rows_per_s": 50_000,
     }
-    width = max(map(len, out))
-    for k, v in out.items():
-        print(f"{k:<{width}}  {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    report(out, args.json)
 
 
 if __name__ == "__main__":
