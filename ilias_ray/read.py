@@ -17,6 +17,7 @@ import time
 from typing import Iterator, Optional
 
 import pyarrow as pa
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -206,8 +207,6 @@ def read_folder(unit: Unit, start: int) -> Iterator[pa.Table]:
 def shared_keys(selected):
     """What a read task filters by: the --selected_ids keys themselves, or, passed as an ObjectRef
     (pipeline.build_dataset puts them in the object store once), the object it refers to."""
-    import ray
-
     return ray.get(selected) if isinstance(selected, ray.ObjectRef) else selected
 
 

@@ -94,23 +94,22 @@ def check_schema(f, rep: Report, local: bool) -> None:
     settings (another tool's file is already one problem)."""
     wanted = [d for d in schema.DATASETS if local or not d.local]
     missing = [d for d in wanted if d.name not in f]
-    if [d for d in missing if not d.since_0_1]:
-        rep.problems.append(f"missing dataset(s): {', '.join(d.name for d in missing if not d.since_0_1)}")
-    if [d for d in missing if d.since_0_1]:
-        rep.warnings.append(
-            f"missing dataset(s): {', '.join(d.name for d in missing if d.since_0_1)} (made by an older ilias-ray?)"
-        )
+    report_missing(rep, "dataset(s)", [d.name for d in missing], {d.name for d in missing if d.since_0_1})
     for d in wanted:
         if d.name in f and not schema.kind_matches(d, f[d.name].dtype):
             rep.problems.append(f"'{d.name}' has dtype {f[d.name].dtype}, not the declared {d.kind}")
     absent = [a for a in schema.ATTRS if a not in f.attrs and a != schema.A_COMPLETE]  # `complete`: its own problem
-    if [a for a in absent if a not in schema.ATTRS_SINCE_0_1]:
-        rep.problems.append(f"missing attribute(s): {', '.join(a for a in absent if a not in schema.ATTRS_SINCE_0_1)}")
-    if [a for a in absent if a in schema.ATTRS_SINCE_0_1]:
-        rep.warnings.append(
-            f"missing attribute(s): {', '.join(a for a in absent if a in schema.ATTRS_SINCE_0_1)} "
-            "(made by an older ilias-ray?)"
-        )
+    report_missing(rep, "attribute(s)", absent, set(schema.ATTRS_SINCE_0_1))
+
+
+def report_missing(rep: Report, what: str, names: list, older: set) -> None:
+    """Names a file lacks: problems, except those an older ilias-ray did not write yet (warnings)."""
+    now = [n for n in names if n not in older]
+    old = [n for n in names if n in older]
+    if now:
+        rep.problems.append(f"missing {what}: {', '.join(now)}")
+    if old:
+        rep.warnings.append(f"missing {what}: {', '.join(old)} (made by an older ilias-ray?)")
 
 
 def check_open_file(f, rep: Report) -> None:
