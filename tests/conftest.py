@@ -49,6 +49,11 @@ def ray_cluster():
 def one_line_error(args, capsys) -> str:
     """Run the command line in this process (no torch import per case); check that it failed
     before any Ray work with exit status 2 and one line on stderr, and return that line."""
+    return one_line_error_and_stdout(args, capsys)[0]
+
+
+def one_line_error_and_stdout(args, capsys) -> tuple:
+    """one_line_error's checks; returns the line and what the command printed on stdout."""
     from ilias_ray import cli
 
     capsys.readouterr()
@@ -60,7 +65,7 @@ def one_line_error(args, capsys) -> str:
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
     assert "extracting" not in out.out  # it failed before any Ray work
-    return lines[0]
+    return lines[0], out.out
 
 
 @pytest.fixture(scope="session")
@@ -88,11 +93,10 @@ KILL_OPTS = dict(
 KILL_FLAGS = [f"--{k}={v}" for k, v in KILL_OPTS.items()]  # the same, as command-line flags
 
 
-def slowed(ms: int = 1000, env=None, fault: str = "") -> dict:
+def slowed(ms: int = 1000, env=None) -> dict:
     """An environment whose runs sleep `ms` per model batch (15 batches in a KILL_OPTS run over the
     sample's 3 shards, 2 actors): time to stop them part-way, without slowing the tests' CPUs."""
-    faults = ",".join(filter(None, [f"embed:slow={ms}", fault]))
-    return dict(env if env is not None else os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=faults)
+    return dict(env if env is not None else os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"embed:slow={ms}")
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(
     parts = out / (final.name + ".parts")
     args = KILL_FLAGS
     if point == "assembling":
-        env = slowed(0, fault="assemble:sleep")  # the sink pauses half-way through the copy
+        env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:sleep")  # the sink pauses mid-copy
     else:
         env = slowed(1000)  # about 2.5 s a shard: time to stop after one of the 3
     address = ray_cluster.get_runtime_context().gcs_address

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from conftest import KILL_FLAGS, KILL_OPTS, slowed
+from conftest import KILL_FLAGS, KILL_OPTS, one_line_error_and_stdout, slowed
 from ilias_ray.config import Config
 from ilias_ray.pipeline import run
 from s3 import listing, make_bucket
@@ -37,17 +37,10 @@ def wait_for(cond, proc, timeout=240):
 def second_run_refused(args, first, capsys) -> str:
     """The second run (in this process) fails before any Ray work on the output, with exit status 2
     and one line that names the first; returns what it printed on stdout."""
-    from ilias_ray import cli
-
-    capsys.readouterr()
-    rc = cli.main(["extract"] + args)
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in out.err, out.err
-    assert "features_distractors_00000.hdf5 is being written by another run (host" in lines[0]
-    assert f"pid {first.pid}," in lines[0] and "ray job stop" in lines[0]
-    assert "extracting" not in out.out  # refused before any Ray work on the output
-    return out.out
+    line, said = one_line_error_and_stdout(["extract"] + args, capsys)
+    assert "features_distractors_00000.hdf5 is being written by another run (host" in line
+    assert f"pid {first.pid}," in line and "ray job stop" in line
+    return said
 
 
 def kill(proc):
