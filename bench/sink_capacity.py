@@ -81,7 +81,7 @@ def main() -> None:
         settings={"bench": 1},
         units=tuple(UnitSpec(u, f"{u:05d}.tar", None, 0, None) for u in range(shards)),
     )
-    sink = Sink([spec], RunInfo(dtype="float16", compression=0, local=False, run_settings={}))
+    sink = Sink([spec], RunInfo(dtype="float16", compression=0, local=False))
     writer = sink.writers[0]
     calls, t0 = [], time.perf_counter()
     for b in work[:-1]:

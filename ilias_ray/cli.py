@@ -72,7 +72,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ilias-ray", description="ILIAS feature extraction on Ray Data")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    ex = sub.add_parser("extract", help="extract features for one partition", formatter_class=_HelpFormatter)
+    ex = sub.add_parser(
+        "extract",
+        help="extract features for one partition, or several image partitions as one job",
+        formatter_class=_HelpFormatter,
+    )
     add_extract_flags(ex)
     models = sub.add_parser("models", help="the benchmark's model table, or one model's details")
     models.add_argument("--framework", default=None)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Optional
 
 PARTITIONS = ("image_queries", "text_queries", "positives", "distractors", "uned")
+# The partitions one run may take together (one model load): text queries need the text tower, and
+# `uned` is a list of files of its own.
+IMAGE_PARTITIONS = ("image_queries", "positives", "distractors")
 TRANSFORMS = ("RESIZE_LARGE", "RESIZE_SMALL", "RESIZE_CENTER", "RESIZE_SQUARE", "RESIZE_PAD")
 POOLINGS = ("head", "cls", "gap", "mac", "gem", "rmac", "rgem", "local")  # the one list: models/ takes it
 
@@ -75,7 +78,18 @@ def setting(
 class Config:
     dataset_dir: str = setting(help="directory with the images, or with the tar shards", run=True)
     hdf5_dir: str = setting(help="directory for the HDF5 feature files")
-    partition: str = setting("image_queries", "which part of ILIAS to embed", output=True, choices=PARTITIONS)
+    partition: str = setting(
+        "image_queries",
+        f"which part of ILIAS to embed: one of {', '.join(PARTITIONS)}; or several of "
+        f"{', '.join(IMAGE_PARTITIONS)}, comma-separated, as one job with one model load (each still "
+        "gets its own files)",
+        output=True,
+    )
+    distractors_dir: Optional[str] = setting(
+        None,
+        "the folder of the distractors' tar shards, when --partition lists distractors with other "
+        "partitions (--dataset_dir is then the ILIAS core folder)",
+    )
     hdf5_name: str = setting("features", "base name of the HDF5 files")
     hdf5_compression: int = setting(0, "gzip level for the features dataset (0 = none)")
     overwrite: bool = setting(False, "replace existing feature files")
@@ -142,7 +156,60 @@ class Config:
         """The declared default of a setting."""
         return Config.__dataclass_fields__[name].default
 
+    def partitions(self) -> tuple:
+        """The partitions of --partition, in the order given."""
+        return tuple(p.strip() for p in self.partition.split(","))
+
+    def parts(self) -> list:
+        """One Config per partition of this run: the run of that partition alone. Its settings,
+        fingerprint and `run` record are those of a one-partition run, so that the files of either
+        kind of run are the same files (and a later run of either kind resumes or skips them).
+        --selected_ids applies to the distractors only; their folder is --distractors_dir."""
+        if len(self.partitions()) == 1 and self.distractors_dir is None:
+            return [self]
+        out = []
+        for p in self.partitions():
+            tars = p == "distractors"
+            out.append(
+                replace(
+                    self,
+                    partition=p,
+                    dataset_dir=self.distractors_dir if tars else self.dataset_dir,
+                    distractors_dir=None,
+                    selected_ids=self.selected_ids if tars else None,
+                    selected_ids_sha256=self.selected_ids_sha256 if tars else None,
+                )
+            )
+        return out
+
+    def check_partitions(self) -> None:
+        parts = self.partitions()
+        unknown = [p for p in parts if p not in PARTITIONS]
+        if unknown:
+            raise UserError(f"--partition must be one of {', '.join(PARTITIONS)}, not {unknown[0]!r}")
+        self.partition = ",".join(parts)  # ' positives' names the file features_positives.hdf5
+        if len(parts) > 1:
+            alone = [p for p in parts if p not in IMAGE_PARTITIONS]
+            if alone:
+                raise UserError(
+                    f"--partition {alone[0]} is a run of its own; several partitions in one run are "
+                    f"among {', '.join(IMAGE_PARTITIONS)}"
+                )
+            twice = sorted({p for p in parts if parts.count(p) > 1})
+            if twice:
+                raise UserError(f"--partition lists {twice[0]} more than once")
+            if "distractors" in parts and self.distractors_dir is None:
+                raise UserError(
+                    "--partition with distractors and other partitions needs --distractors_dir (the folder of "
+                    "tar shards); --dataset_dir is the ILIAS core folder"
+                )
+            if "distractors" not in parts and self.selected_ids is not None:
+                raise UserError("with several partitions, --selected_ids applies to the distractors only")
+        if self.distractors_dir is not None and "distractors" not in parts:
+            raise UserError("--distractors_dir goes with --partition distractors (alone, or with other partitions)")
+
     def validate(self) -> "Config":
+        self.check_partitions()
         for f in fields(self):  # the declared choices
             choices, value = f.metadata["choices"], getattr(self, f.name)
             if choices and value not in choices:
@@ -165,12 +232,15 @@ class Config:
 
         for flag, where in (
             ("--dataset_dir", self.dataset_dir),
+            ("--distractors_dir", self.distractors_dir),
             ("--hdf5_dir", self.hdf5_dir),
             ("--checkpoint", self.checkpoint),
             ("--selected_ids", self.selected_ids),
         ):
             check_credentials_free(flag, where)
         Location.of(self.dataset_dir).check_dir("--dataset_dir")
+        if self.distractors_dir is not None:
+            Location.of(self.distractors_dir).check_dir("--distractors_dir")
         if self.checkpoint is not None:
             ckpt = Location.of(self.checkpoint)
             ckpt.check_file("--checkpoint")

@@ -1,5 +1,7 @@
 """`ilias-ray demo`: a small ILIAS-shaped sample, every partition extracted, no network.
 
+Two jobs: the image partitions together (one model load), then the text queries (the text tower).
+
 The image model is a small timm ViT whose seeded random weights are written to a local
 checkpoint first, so the run also exercises `--checkpoint`. The text tower is open_clip's RN50
 with seeded random weights (`--pretrained false`).
@@ -40,19 +42,11 @@ def run_demo(workdir: str, address=None) -> list:
     out = str(root / "features")
     common = dict(hdf5_dir=out, address=address, resolution=RESOLUTION, batch_size=32, overwrite=True)
     runs = [
+        # One job, one model load, for the three image partitions; each still gets its own files.
         Config(
             dataset_dir=str(sample["core"]),
-            partition="image_queries",
-            model=IMAGE_MODEL,
-            checkpoint=str(ckpt),
-            **common,
-        ),
-        Config(
-            dataset_dir=str(sample["core"]), partition="positives", model=IMAGE_MODEL, checkpoint=str(ckpt), **common
-        ),
-        Config(
-            dataset_dir=str(sample["yfcc"]),
-            partition="distractors",
+            distractors_dir=str(sample["yfcc"]),
+            partition="image_queries,positives,distractors",
             model=IMAGE_MODEL,
             checkpoint=str(ckpt),
             tar_batch_size=2,

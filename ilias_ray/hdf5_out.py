@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import h5py
@@ -92,6 +92,7 @@ class OutputSpec:
     settings: dict
     units: tuple  # UnitSpec, in output order
     done: bool = False  # assembled by the driver before the job started
+    run_settings: dict = field(default_factory=dict)  # where and how it was made: the `run` attribute
 
     @property
     def parts(self) -> PartsStore:
@@ -100,12 +101,11 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What every output of a run shares."""
+    """What every output of a run shares (several partitions' outputs too)."""
 
     dtype: str  # of the vectors: float16 or float32
     compression: int  # gzip level, 0 for none
     local: bool  # --pooling local: several vectors a row, and an `offsets` dataset
-    run_settings: dict  # the run's own flags, recorded in the `run` attribute
 
 
 def partial_path(out_dir: Location, name: str) -> str:
@@ -169,7 +169,7 @@ def assemble(spec: OutputSpec, run: RunInfo, records: dict, duplicates_dropped: 
         f.create_dataset(DUPLICATE_INDEX.name, data=np.array(duplicates, dtype=object), dtype=ASCII)
         f.attrs[A_SETTINGS] = settings_json(spec.settings)
         f.attrs[A_FINGERPRINT] = fingerprint(spec.settings)
-        f.attrs[A_RUN] = json.dumps(run.run_settings, sort_keys=True)
+        f.attrs[A_RUN] = json.dumps(spec.run_settings, sort_keys=True)
         f.attrs[A_VERSIONS] = json.dumps(library_versions(), sort_keys=True)
         f.attrs[A_UNITS] = json.dumps(ends)
         f.attrs[A_ROWS] = index.shape[0]

@@ -36,43 +36,20 @@ def model_commands(
     text="auto",
     extra=(),
 ) -> list:
-    """The `ilias-ray extract` argument lists of one model's run, in the reference's order."""
+    """The `ilias-ray extract` argument lists of one model's run: the image partitions as one job
+    (one model load), then the text queries when the model has a text tower."""
     common = ["--hdf5_dir", hdf5_dir, *extra]
     image = ["--framework", framework, "--model", model, "--pooling", pooling, "--resolution", str(resolution)]
-    cmds = [
-        ["extract", "--partition", "image_queries", "--dataset_dir", core, *image, *common],
-        ["extract", "--partition", "positives", "--dataset_dir", core, *image, *common],
-    ]
+    partitions = ["image_queries", "positives"]
+    shards = []
     if yfcc:
-        cmds.append(
-            [
-                "extract",
-                "--partition",
-                "distractors",
-                "--dataset_dir",
-                yfcc,
-                *image,
-                *common,
-                "--start_tar",
-                str(start_tar),
-                "--total_tars",
-                str(total_tars),
-            ]
-        )
+        partitions.append("distractors")
+        shards = ["--distractors_dir", yfcc, "--start_tar", str(start_tar), "--total_tars", str(total_tars)]
+    cmds = [["extract", "--partition", ",".join(partitions), "--dataset_dir", core, *shards, *image, *common]]
     if text == "true" or (text == "auto" and has_text_tower(framework, model)):
         cmds.append(
-            [
-                "extract",
-                "--partition",
-                "text_queries",
-                "--dataset_dir",
-                core,
-                "--framework",
-                "text",
-                "--model",
-                model,
-                *common,
-            ]
+            ["extract", "--partition", "text_queries", "--dataset_dir", core, "--framework", "text", "--model", model]
+            + common
         )
     return cmds
 

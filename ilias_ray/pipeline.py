@@ -154,7 +154,8 @@ def model_pool(cfg: Config, ray) -> Pool:
 
 
 def output_specs(plan: Plan) -> list:
-    """What the sink and the assembly need of each output to write: [OutputSpec], in plan order."""
+    """What the sink and the assembly need of each output to write: [OutputSpec], in plan order.
+    Each records its own partition's run settings (credentials redacted)."""
     units = {u.uid: u for u in plan.units}
     return [
         OutputSpec(
@@ -164,18 +165,16 @@ def output_specs(plan: Plan) -> list:
             units=tuple(
                 UnitSpec(uid, units[uid].name, units[uid].count, units[uid].size, units[uid].record) for uid in o.units
             ),
+            run_settings={k: redact(v) if isinstance(v, str) else v for k, v in o.run.items()},
         )
         for o in plan.outputs
     ]
 
 
 def run_info(cfg: Config) -> RunInfo:
-    """What every output of this run shares: vector dtype, compression, pooling, the run's flags."""
+    """What every output of this run shares: vector dtype, compression, pooling."""
     return RunInfo(
-        dtype="float16" if cfg.store_fp16 else "float32",
-        compression=cfg.hdf5_compression,
-        local=cfg.pooling == "local",
-        run_settings={k: redact(v) if isinstance(v, str) else v for k, v in cfg.run_settings().items()},
+        dtype="float16" if cfg.store_fp16 else "float32", compression=cfg.hdf5_compression, local=cfg.pooling == "local"
     )
 
 

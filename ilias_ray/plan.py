@@ -62,6 +62,7 @@ class Output:
     dir: Location  # --hdf5_dir
     units: list  # uids, in output order
     settings: dict
+    run: dict = field(default_factory=dict)  # where and how it was made (Config.run_settings of its partition)
 
     @property
     def loc(self) -> Location:
@@ -249,49 +250,71 @@ def versions_note(recorded: dict) -> str:
     return f"made with {', '.join(diff)}" if diff else ""
 
 
-def make_plan(cfg: Config) -> Plan:
-    """List inputs, name outputs, and decide per output: skip, refuse, or (re)do."""
-    base = cfg.output_settings()
-    root = Location.of(cfg.dataset_dir)
-    if cfg.partition == "distractors":
-        selected = KeySet(read_selected_ids(cfg.selected_ids)) if cfg.selected_ids else None
-        chunks, sizes = _tar_chunks(cfg)
+@dataclass
+class Group:
+    """One output file to plan: its name, its sources, its settings, and the one-partition run
+    (Config.parts) it belongs to."""
+
+    name: str
+    sources: list  # [("tar", shard name, size)] or [("folder" | "text", items)]
+    settings: dict
+    part: Config
+
+
+def partition_groups(part: Config) -> tuple:
+    """([Group], distractor KeySet or None) of one partition's outputs."""
+    base = part.output_settings()
+    if part.partition == "distractors":
+        selected = KeySet(read_selected_ids(part.selected_ids)) if part.selected_ids else None
+        chunks, sizes = _tar_chunks(part)
         groups = []
         for file_id, shards in chunks:
-            name = f"{cfg.hdf5_name}_distractors_{file_id:05d}{SUFFIX}"
+            name = f"{part.hdf5_name}_distractors_{file_id:05d}{SUFFIX}"
             # A shard replaced by another of the same name must not pass for the one that was read.
             settings = dict(base, shards=shards, shard_sizes=[sizes[s] for s in shards])
-            groups.append((name, [("tar", s) for s in shards], settings))
-    else:
-        selected, sizes = None, {}
-        items = _folder_items(cfg)
-        kind = "text" if cfg.partition == "text_queries" else "folder"
-        name = f"{cfg.hdf5_name}_{cfg.partition}{SUFFIX}"
-        groups = [(name, [(kind, items)], dict(base, rows=len(items)))]
+            groups.append(Group(name, [("tar", s, sizes[s]) for s in shards], settings, part))
+        return groups, selected
+    items = _folder_items(part)
+    kind = "text" if part.partition == "text_queries" else "folder"
+    name = f"{part.hdf5_name}_{part.partition}{SUFFIX}"
+    return [Group(name, [(kind, items)], dict(base, rows=len(items)), part)], None
+
+
+def make_plan(cfg: Config) -> Plan:
+    """List inputs, name outputs, and decide per output: skip, refuse, or (re)do. Several
+    partitions (Config.parts) make one plan: their outputs share the run's units and sink."""
+    groups, selected = [], None
+    for part in cfg.parts():
+        more, keys = partition_groups(part)
+        groups += more
+        selected = keys if keys is not None else selected
 
     out_dir = Location.of(cfg.hdf5_dir)
     outputs, units, done, notes = [], [], [], []
-    for name, sources, settings in groups:
-        status, versions = output_status(out_dir / name, settings)
+    for g in groups:
+        status, versions = output_status(out_dir / g.name, g.settings)
         if status == "same" and not cfg.overwrite:
-            done.append(name)
+            done.append(g.name)
             other = versions_note(versions)
             if other:
                 notes.append(
-                    f"[{name}] {other}: its numbers may differ slightly from this run's; "
+                    f"[{g.name}] {other}: its numbers may differ slightly from this run's; "
                     "pass --overwrite true to recompute it"
                 )
             continue
         if status not in ("missing", "same") and not cfg.overwrite:
-            raise UserError(f"{out_dir / name} exists but {status}; pass --overwrite true to replace it")
-        out = Output(index=len(outputs), name=name, dir=out_dir, units=[], settings=settings)
-        records = {} if cfg.overwrite else finished_units(out.parts, settings)
-        for k, (kind, src) in enumerate(sources):
+            raise UserError(f"{out_dir / g.name} exists but {status}; pass --overwrite true to replace it")
+        out = Output(
+            index=len(outputs), name=g.name, dir=out_dir, units=[], settings=g.settings, run=g.part.run_settings()
+        )
+        records = {} if cfg.overwrite else finished_units(out.parts, g.settings)
+        root = Location.of(g.part.dataset_dir)
+        for k, source in enumerate(g.sources):
             uid = len(units)
-            if kind == "tar":
-                unit = Unit(uid, out.index, "tar", src, src=root / src, size=sizes[src])
+            if source[0] == "tar":
+                unit = Unit(uid, out.index, "tar", source[1], src=root / source[1], size=source[2])
             else:
-                unit = Unit(uid, out.index, kind, cfg.partition, src=root, items=src)
+                unit = Unit(uid, out.index, source[0], g.part.partition, src=root, items=source[1])
             unit.record = records.get(k)
             units.append(unit)
             out.units.append(uid)
@@ -302,14 +325,16 @@ def make_plan(cfg: Config) -> Plan:
 
 
 def probe_inputs(plan: Plan) -> None:
-    """Read the first byte of the first input still to read: a denied or failing read is one line
-    now, before any Ray work, not an error deep in a read task."""
+    """Read the first byte of the first shard and of the first folder file still to read: a
+    denied or failing read is one line now, before any Ray work, not an error deep in a read task."""
+    probed = set()
     for u in plan.units:
-        if u.record is None:
+        where = "tar" if u.kind == "tar" else "folder"
+        if u.record is None and where not in probed:
+            probed.add(where)
             first = u.src if u.kind == "tar" else next((u.src / p for _, p, _ in u.items if p), None)
             if first is not None:
                 first.probe()
-            return
 
 
 MIN_FREE_BYTES = 64 << 20  # below this a run would fail on its first part files

@@ -5,6 +5,10 @@
         --core /data/ilias/images --yfcc /data/yfcc100m --hdf5_dir /data/features/siglip \
         --start_tar 0 --total_tars 10
 
+It runs two extractions in one driver: the image queries, positives and the distractor shards as
+one job with one model load (`--partition image_queries,positives,distractors --distractors_dir`),
+then the text queries when the model has a text tower.
+
 Flags it does not know are passed to every `ilias-ray extract` (e.g. --checkpoint, --batch_size).
 """
 

@@ -64,13 +64,16 @@ def test_job_commands_follow_the_reference_run():
     from ilias_ray.jobs import model_commands, select_rows
 
     cmds = model_commands("timm", "vit_large_patch16_siglip_384.webli", "/core", "/yfcc", "/out", total_tars=20)
-    assert [c[2] for c in cmds] == ["image_queries", "positives", "distractors", "text_queries"]
-    assert cmds[3][cmds[3].index("--framework") + 1] == "text"
+    # The image partitions are one job (one model load); the text tower is a second.
+    assert [c[2] for c in cmds] == ["image_queries,positives,distractors", "text_queries"]
+    image, text = cmds
+    assert image[image.index("--dataset_dir") + 1] == "/core" and image[image.index("--distractors_dir") + 1] == "/yfcc"
+    assert image[image.index("--total_tars") + 1] == "20" and "--total_tars" not in text
+    assert text[text.index("--framework") + 1] == "text"
     assert [c[2] for c in model_commands("fb", "dinov2_vitl14", "/core", "/yfcc", "/out")] == [
-        "image_queries",
-        "positives",
-        "distractors",
+        "image_queries,positives,distractors"
     ]
+    assert [c[2] for c in model_commands("fb", "dinov2_vitl14", "/core", None, "/out")] == ["image_queries,positives"]
     rows = select_rows("^DINOv2")
     assert rows and all(r["framework"] == "fb" for r in rows)
 

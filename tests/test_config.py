@@ -177,6 +177,81 @@ def test_declared_choices_and_bounds_are_checked(kw, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (
+            dict(partition="image_queries,query"),
+            "--partition must be one of image_queries, text_queries, positives, distractors, uned, not 'query'",
+        ),
+        (
+            dict(partition="image_queries,text_queries"),
+            "--partition text_queries is a run of its own; several partitions in one run are among "
+            "image_queries, positives, distractors",
+        ),
+        (
+            dict(partition="uned,distractors", distractors_dir="."),
+            "--partition uned is a run of its own; several partitions in one run are among "
+            "image_queries, positives, distractors",
+        ),
+        (dict(partition="positives, positives"), "--partition lists positives more than once"),
+        (
+            dict(partition="positives,distractors"),
+            "--partition with distractors and other partitions needs --distractors_dir (the folder of tar shards); "
+            "--dataset_dir is the ILIAS core folder",
+        ),
+        (
+            dict(partition="image_queries,positives", selected_ids="ids.txt"),
+            "with several partitions, --selected_ids applies to the distractors only",
+        ),
+        (
+            dict(partition="positives", distractors_dir="."),
+            "--distractors_dir goes with --partition distractors (alone, or with other partitions)",
+        ),
+    ],
+)
+def test_several_partitions_are_checked(kw, message):
+    with pytest.raises(UserError) as e:
+        default(**kw).validate()
+    assert str(e.value) == message
+
+
+def test_each_partition_of_a_run_is_the_run_of_it_alone():
+    """Several partitions in one run: each part has the settings, fingerprint and run record of a
+    run of that partition alone; the distractors take --distractors_dir and --selected_ids."""
+    cfg = Config(
+        dataset_dir="/core",
+        distractors_dir="/yfcc",
+        hdf5_dir="/out",
+        partition="image_queries, positives,distractors",
+        selected_ids="ids.txt",
+        selected_ids_sha256="ab",
+        total_tars=3,
+    )
+    parts = cfg.parts()
+    assert [p.partition for p in parts] == ["image_queries", "positives", "distractors"]
+    queries, positives, distractors = parts
+    assert queries == Config(dataset_dir="/core", hdf5_dir="/out", partition="image_queries", total_tars=3)
+    assert positives.output_settings() == dict(DEFAULT_OUTPUT_SETTINGS, partition="positives")
+    assert distractors == Config(
+        dataset_dir="/yfcc",
+        hdf5_dir="/out",
+        partition="distractors",
+        selected_ids="ids.txt",
+        selected_ids_sha256="ab",
+        total_tars=3,
+    )
+    assert distractors.run_settings()["dataset_dir"] == "/yfcc"
+    # One partition: the run itself; --distractors_dir may name the shards' folder then too.
+    one = default(partition="positives")
+    assert one.parts() == [one]
+    spaced = default(partition=" positives")
+    spaced.check_partitions()
+    assert [p.partition for p in spaced.parts()] == ["positives"]
+    alone = Config(dataset_dir="/x", distractors_dir="/yfcc", hdf5_dir="/out", partition="distractors")
+    assert [p.dataset_dir for p in alone.parts()] == ["/yfcc"]
+
+
 def test_a_bound_error_from_the_command_line(capsys, tmp_path):
     line = one_line_error(
         ["extract", "--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--min_size", "-1"], capsys

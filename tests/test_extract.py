@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import VIT
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
+from ilias_ray.verify import verify
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "JPG", "JPEG", "PNG")
 
@@ -74,12 +76,23 @@ def direct_vit_feature(ckpt: Path, image_path: Path, res: int, exif: bool = True
     return F.normalize(f, dim=-1)[0].numpy()
 
 
-def test_folder_partitions_contract_and_parity(ray_cluster, sample, vit_checkpoint, tmp_path):
+def test_image_partitions_in_one_job_contract_and_parity(ray_cluster, sample, vit_checkpoint, tmp_path, capsys):
+    """image_queries, positives and distractors as one job (one dataset, one model pool): each
+    partition gets the files that a run of it alone writes, with the features of the spec."""
     core = sample["core"]
+    s = extract(
+        tmp_path,
+        core,
+        partition="image_queries,positives,distractors",
+        distractors_dir=str(sample["yfcc"]),
+        tar_batch_size=2,
+        checkpoint=str(vit_checkpoint),
+    )
+    chunks = ["features_distractors_00000.hdf5", "features_distractors_00001.hdf5"]
+    assert s["written"] == ["features_image_queries.hdf5", "features_positives.hdf5", *chunks]
+    assert capsys.readouterr().out.count("extracting 4 file(s) with timm:") == 1  # one dataset, one pool
     for part, key in (("image_queries", "quer"), ("positives", "pos")):
-        s = extract(tmp_path, core, partition=part, checkpoint=str(vit_checkpoint))
         path = tmp_path / f"features_{part}.hdf5"
-        assert s["written"] == [path.name]
         d = read(path)
         assert d["index"] == expected_ids(core, key)
         assert d["features"].dtype == np.float16 and d["features"].shape == (len(d["index"]), 192)
@@ -87,6 +100,8 @@ def test_folder_partitions_contract_and_parity(ray_cluster, sample, vit_checkpoi
         np.testing.assert_allclose(np.linalg.norm(d["features"].astype(np.float32), axis=1), 1, atol=2e-3)
         assert d["attrs"]["complete"] and d["attrs"]["num_rows"] == len(d["index"])
         assert not (tmp_path / (path.name + ".partial")).exists()
+        assert json.loads(d["attrs"]["ilias_ray_settings"])["partition"] == part
+        assert json.loads(d["attrs"]["run"])["dataset_dir"] == str(core)
     # The non-ASCII instance folder is escaped; EXIF orientation is applied for folder images.
     assert any(i.startswith("caf#U00e9_001/") for i in read(tmp_path / "features_positives.hdf5")["index"])
     d = read(tmp_path / "features_image_queries.hdf5")
@@ -95,23 +110,9 @@ def test_folder_partitions_contract_and_parity(ray_cluster, sample, vit_checkpoi
         want = direct_vit_feature(vit_checkpoint, core / raw, 64)
         np.testing.assert_allclose(d["features"][i].astype(np.float32), want, atol=2e-3)
 
-
-def test_checkpoint_pth_equals_safetensors(ray_cluster, sample, vit_checkpoint, tmp_path):
-    """A timm state_dict as .pth (read with weights_only=True) gives the same features."""
-    pth = tmp_path / "vit.pth"
-    torch.save(load_file(str(vit_checkpoint)), pth)
-    extract(tmp_path / "st", sample["core"], partition="image_queries", checkpoint=str(vit_checkpoint))
-    extract(tmp_path / "pt", sample["core"], partition="image_queries", checkpoint=str(pth))
-    a = read(tmp_path / "st" / "features_image_queries.hdf5")["features"]
-    b = read(tmp_path / "pt" / "features_image_queries.hdf5")["features"]
-    np.testing.assert_array_equal(a, b)
-
-
-def test_distractors_chunks_order_and_skips(ray_cluster, sample, vit_checkpoint, tmp_path):
-    s = extract(tmp_path, sample["yfcc"], partition="distractors", tar_batch_size=2, checkpoint=str(vit_checkpoint))
-    assert s["written"] == ["features_distractors_00000.hdf5", "features_distractors_00001.hdf5"]
-    a = read(tmp_path / "features_distractors_00000.hdf5")
-    b = read(tmp_path / "features_distractors_00001.hdf5")
+    a = read(tmp_path / chunks[0])
+    b = read(tmp_path / chunks[1])
+    assert json.loads(a["attrs"]["run"])["dataset_dir"] == str(sample["yfcc"])  # verify counts shards there
     good = [k for k in sample["distractor_keys"] if k not in sample["corrupt_ids"]]
     assert a["index"] + b["index"] == good  # shard order, then member order
     assert all(i.startswith(("00000.tar/", "00001.tar/")) for i in a["index"])
@@ -132,14 +133,31 @@ def test_distractors_chunks_order_and_skips(ray_cluster, sample, vit_checkpoint,
     want = direct_vit_feature(vit_checkpoint, img_path, 64, exif=False)
     np.testing.assert_allclose(b["features"][0].astype(np.float32), want, atol=2e-3)
     assert Image.open(io.BytesIO(data)).size  # a real JPEG
+    assert verify(str(tmp_path), out=lambda *_: None) == 0
 
-    # --start_tar selects shards[S:S+T] and numbers the chunk S // B.
+    # A run of one partition alone finds the files of the joint run complete (same fingerprint)...
+    for part in ("image_queries", "positives"):
+        s = extract(tmp_path, core, partition=part, checkpoint=str(vit_checkpoint))
+        assert s["already_done"] == [f"features_{part}.hdf5"] and s["written"] == []
+    # ... and writes what it would: --start_tar selects shards[S:S+T] and numbers the chunk S // B.
     out2 = tmp_path / "second"
     s = extract(
         out2, sample["yfcc"], partition="distractors", tar_batch_size=2, start_tar=2, checkpoint=str(vit_checkpoint)
     )
     assert s["written"] == ["features_distractors_00001.hdf5"]
     np.testing.assert_array_equal(read(out2 / "features_distractors_00001.hdf5")["features"], b["features"])
+    assert read(out2 / chunks[1])["attrs"]["fingerprint"] == b["attrs"]["fingerprint"]
+
+
+def test_checkpoint_pth_equals_safetensors(ray_cluster, sample, vit_checkpoint, tmp_path):
+    """A timm state_dict as .pth (read with weights_only=True) gives the same features."""
+    pth = tmp_path / "vit.pth"
+    torch.save(load_file(str(vit_checkpoint)), pth)
+    extract(tmp_path / "st", sample["core"], partition="image_queries", checkpoint=str(vit_checkpoint))
+    extract(tmp_path / "pt", sample["core"], partition="image_queries", checkpoint=str(pth))
+    a = read(tmp_path / "st" / "features_image_queries.hdf5")["features"]
+    b = read(tmp_path / "pt" / "features_image_queries.hdf5")["features"]
+    np.testing.assert_array_equal(a, b)
 
 
 def test_same_rows_whatever_batching_and_actors(ray_cluster, sample, tmp_path):
@@ -181,10 +199,19 @@ def test_selected_ids_order_and_filter(ray_cluster, sample, tmp_path):
     keys = sample["distractor_keys"][3:9:2]
     sel2 = tmp_path / "sel2.txt"
     sel2.write_text("\n".join(k.split("/")[1] for k in keys))
-    extract(tmp_path, sample["yfcc"], partition="distractors", selected_ids=str(sel2), pretrained=False)
+    # With several partitions, the list filters the distractors only.
+    extract(
+        tmp_path,
+        core,
+        partition="image_queries,distractors",
+        distractors_dir=str(sample["yfcc"]),
+        selected_ids=str(sel2),
+        pretrained=False,
+    )
     d = read(tmp_path / "features_distractors_00000.hdf5")
     assert d["index"] + d["skipped_index"] == keys or sorted(d["index"] + d["skipped_index"]) == sorted(keys)
     assert [k for k in keys if k not in sample["corrupt_ids"]] == d["index"]
+    assert read(tmp_path / "features_image_queries.hdf5")["index"] == expected_ids(core, "quer")
 
 
 def test_rerun_skip_refuse_overwrite(ray_cluster, sample, tmp_path):

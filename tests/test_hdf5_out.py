@@ -31,8 +31,9 @@ def committed(tmp_path, local=True, dtype="float32"):
         dir=out,
         settings=SETTINGS,
         units=tuple(UnitSpec(k, f"{k}.tar", None, 0, records[k]) for k in range(2)),
+        run_settings={"batch_size": 8},
     )
-    assemble(spec, RunInfo(dtype=dtype, compression=0, local=local, run_settings={"batch_size": 8}), records)
+    assemble(spec, RunInfo(dtype=dtype, compression=0, local=local), records)
     return tmp_path / "f.hdf5"
 
 

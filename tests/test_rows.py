@@ -95,7 +95,7 @@ def test_real_stages_emit_exactly_their_declared_columns(sample, tmp_path):
         settings={"x": 1},
         units=(UnitSpec(0, path.name, None, unit.size, None),),
     )
-    progress = Sink([out], RunInfo(dtype="float16", compression=0, local=False, run_settings={}))(embedded)
+    progress = Sink([out], RunInfo(dtype="float16", compression=0, local=False))(embedded)
     assert set(progress) == set(SINK.output(tuple(embedded)))
     assert bool(progress["finished"][0]) and (tmp_path / "f.hdf5").exists()
 
@@ -116,7 +116,7 @@ def test_a_miswired_batch_fails_at_the_boundary_naming_the_stage(sample, tmp_pat
                 units=(UnitSpec(0, "a.tar", None, 0, None),),
             )
         ],
-        RunInfo(dtype="float16", compression=0, local=False, run_settings={}),
+        RunInfo(dtype="float16", compression=0, local=False),
     )
     with pytest.raises(StageInputError, match=r"stage 'sink' got a batch without column\(s\) feat, nvec"):
         sink(routing_only)

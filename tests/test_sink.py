@@ -26,7 +26,7 @@ def spec(tmp_path, units):
     )
 
 
-RUN = RunInfo(dtype="float16", compression=0, local=False, run_settings={})
+RUN = RunInfo(dtype="float16", compression=0, local=False)
 
 
 def batch(rows):
