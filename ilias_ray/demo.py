@@ -40,7 +40,8 @@ def run_demo(workdir: str, address=None) -> list:
     sample = build_sample(root / "sample")
     ckpt = write_random_checkpoint(IMAGE_MODEL, root / "vit_tiny_random.safetensors")
     out = str(root / "features")
-    common = dict(hdf5_dir=out, address=address, resolution=RESOLUTION, batch_size=32, overwrite=True)
+    # A sample of 80 images: one model actor per job is enough (each actor loads the model once).
+    common = dict(hdf5_dir=out, address=address, resolution=RESOLUTION, batch_size=32, overwrite=True, model_actors=1)
     runs = [
         # One job, one model load, for the three image partitions; each still gets its own files.
         Config(
