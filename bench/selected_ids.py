@@ -12,7 +12,7 @@ Measured in one run, on the driver:
 (c) the read stage run for real by Ray Data over every shard (one small JPEG each), filtered by
     the list: seconds from submission to the last row, and the driver's peak memory after it.
 Shards are tiny, so the numbers are per-task overheads, not read throughput. Prints a table;
---json writes it.
+--json writes it. --plan_only stops after (a) (bench/scale.py runs it so, in its own process).
 """
 
 import argparse
@@ -35,22 +35,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_shards(root: Path, n: int) -> list:
-    """n shards of one 16x16 JPEG each, keys 1000000*s; returns every key."""
+def make_shards(root: Path, n: int, per_shard: int = 1, side: int = 16) -> list:
+    """n shards of `per_shard` copies of one side x side JPEG each, keys 1000000*s + i; returns
+    every key."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 120, 30)).save(buf, "JPEG")
+    Image.new("RGB", (side, side), (90, 120, 30)).save(buf, "JPEG")
     jpg = buf.getvalue()
     root.mkdir(parents=True, exist_ok=True)
     keys = []
     for s in range(n):
-        key = str(1_000_000 * s)
         with tarfile.open(root / f"{s:05d}.tar", "w") as tf:
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(jpg)
-            tf.addfile(info, io.BytesIO(jpg))
-        keys.append(key)
+            for i in range(per_shard):
+                key = str(1_000_000 * s + i)
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(jpg)
+                tf.addfile(info, io.BytesIO(jpg))
+                keys.append(key)
     return keys
 
 
@@ -73,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=1000)
     ap.add_argument("--ids", type=int, default=5_000_000)
+    ap.add_argument("--plan_only", action="store_true", help="stop after (a), the planning")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -110,6 +113,8 @@ def main() -> None:
     out["plan_s"] = round(time.perf_counter() - t, 2)
     out["plan_peak_rss_mib"] = round(peak_rss_mib())
     out["keyset_mib"] = round(plan.selected_keys.keys.nbytes / 2**20, 1)
+    if args.plan_only:
+        return report(out, args.json)
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     t = time.perf_counter()

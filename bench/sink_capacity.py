@@ -64,6 +64,18 @@ def batches(shards: int, per_shard: int, size: int, dim: int) -> list:
     return out
 
 
+def one_output(tmp: Path, shards: int) -> tuple:
+    """The OutputSpec of one output of `shards` units in `tmp` (the batches' `out` 0), and the run's
+    RunInfo: fp16, no compression."""
+    spec = OutputSpec(
+        name="features_distractors_00000.hdf5",
+        dir=Location.of(str(tmp)),
+        settings={"bench": 1},
+        units=tuple(UnitSpec(u, f"{u:05d}.tar", None, 0, None) for u in range(shards)),
+    )
+    return spec, RunInfo(dtype="float16", compression=0, local=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -75,13 +87,8 @@ def main() -> None:
     shards = max(1, args.rows // args.per_shard)
     work = batches(shards, args.per_shard, args.batch, args.dim)
     tmp = Path(tempfile.mkdtemp(prefix="ilias-bench-sink-"))
-    spec = OutputSpec(
-        name="features_distractors_00000.hdf5",
-        dir=Location.of(str(tmp)),
-        settings={"bench": 1},
-        units=tuple(UnitSpec(u, f"{u:05d}.tar", None, 0, None) for u in range(shards)),
-    )
-    sink = Sink([spec], RunInfo(dtype="float16", compression=0, local=False))
+    spec, run = one_output(tmp, shards)
+    sink = Sink([spec], run)
     writer = sink.writers[0]
     calls, t0 = [], time.perf_counter()
     for b in work[:-1]:

@@ -29,8 +29,13 @@ SITES = ("embed", "forward", "sink_write", "assemble")
 ACTION = re.compile(r"^(raise|exit|enospc|sleep|oom>(\d+)|slow=(\d+))$")
 
 
+def testing() -> bool:
+    """The test switch: fault injection and test-only backbones (models.null) act only with it."""
+    return os.environ.get("ILIAS_RAY_TESTING") == "1"
+
+
 def active() -> bool:
-    return os.environ.get("ILIAS_RAY_TESTING") == "1" and bool(os.environ.get("ILIAS_RAY_FAULT"))
+    return testing() and bool(os.environ.get("ILIAS_RAY_FAULT"))
 
 
 def parse(spec: str) -> list:
@@ -55,7 +60,7 @@ def check() -> Optional[str]:
     spec = os.environ.get("ILIAS_RAY_FAULT")
     if not spec:
         return None
-    if os.environ.get("ILIAS_RAY_TESTING") != "1":
+    if not testing():
         return "ilias-ray: ILIAS_RAY_FAULT is ignored: fault injection acts only in tests (ILIAS_RAY_TESTING=1)"
     try:
         parse(spec)

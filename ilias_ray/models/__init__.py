@@ -16,7 +16,12 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
+from ilias_ray import faults
 from ilias_ray.config import FRAMEWORKS, POOLINGS, UserError  # noqa: F401 - FRAMEWORKS is this registry's
+
+# Frameworks that exist only under the test switch (ILIAS_RAY_TESTING=1): never listed, never
+# usable in production. `null`: features at no cost, for bench/scale.py.
+TEST_FRAMEWORKS = {"null": "ilias_ray.models.null"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,9 +93,10 @@ class Framework(Protocol):
 
 
 def framework(name: str) -> Framework:
-    if name not in FRAMEWORKS:
+    module = FRAMEWORKS.get(name) or (TEST_FRAMEWORKS.get(name) if faults.testing() else None)
+    if module is None:
         raise UserError(f"unknown --framework {name!r}; known: {', '.join(FRAMEWORKS)}")
-    return importlib.import_module(FRAMEWORKS[name])
+    return importlib.import_module(module)
 
 
 def unknown_model(framework_name: str, model: str, candidates) -> UserError:

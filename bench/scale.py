@@ -1,0 +1,341 @@
+"""Scale bench (issue 13): the benchmark's shape without a GPU or 100M images, in one run.
+
+    .venv/bin/python bench/scale.py                     # all four parts, default sizes
+    .venv/bin/python bench/scale.py --only sink --shards 200 --per_shard 50
+
+It builds --shards tar shards of --per_shard copies of one 32x32 JPEG in a temporary folder, and
+runs the real job (`pipeline.run`) over them with the null backbone (ilias_ray/models/null.py,
+`null_1024`: D=1024, fp16, 2 KiB per row, at no cost), so that what is measured is Ray, the sink
+and the driver. The null backbone exists only under ILIAS_RAY_TESTING=1, which this bench sets
+(init_ray forwards ILIAS_RAY_* to the workers). A thread samples every 0.5 s: the object store's
+bytes used and spilled (the raylet's store stats), the RSS of the driver and of the sink actor,
+the sink's open file descriptors, and each Ray process's CPU time, by role.
+
+planning      bench/selected_ids.py --plan_only in its own process: seconds and the driver's peak
+              RSS to plan 1,000 shards with a --ids long --selected_ids list.
+sink          rows/s reaching the sink in the real job (steady: between 10% and 90% of the rows,
+              from the driver's progress timeline) and the CPU seconds of each role; the sink's
+              busy fraction (its CPU seconds / the run's seconds) says whether it is the bound.
+              Then one sink fed by Ray alone: pre-made D=1024 fp16 batches (bench/sink_capacity's)
+              from the object store into the same Sink actor: its rows/s through Ray's transport.
+backpressure  the job with the sink slowed by --slow_ms per row written (ILIAS_RAY_FAULT=
+              sink_write:slow=MS) over --bp_shards shards, with Ray Data's object store budget
+              set to --bp_store_mib (these tiny shards are far below its default budget, a share
+              of the store, so only a small one shows whether it binds): peaks of the object
+              store, spilled bytes, driver and sink RSS, in the first and the second half of the
+              run (flat: the second half's peak is not above the first's by more than 25% plus
+              64 MiB).
+outputs       the job with --tar_batch_size 1: one output file per shard, thousands of outputs; the
+              sink's peak open files and RSS, first half against second half.
+Prints the machine and a table; --json writes it.
+"""
+
+import argparse
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import ray  # noqa: E402 - first: it puts its bundled psutil on the path
+
+# isort: split
+import psutil  # noqa: E402
+
+from bench import PeakMemory, steady_rate  # noqa: E402
+from report import report  # noqa: E402
+from selected_ids import make_shards  # noqa: E402
+from sink_capacity import batches, one_output  # noqa: E402
+
+MODEL = "null_1024"
+SIDE = 32  # pixels of the tiny JPEGs (and --resolution: no resize)
+MIB = 2**20
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = "GPU" if torch.cuda.is_available() else "no GPU"
+    mem = psutil.virtual_memory().total / 2**30
+    return {"machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, {mem:.1f} GiB, {gpu}"}
+
+
+def store_reader():
+    """A function returning the object store's bytes used and spilled so far (the raylet's stats)."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+
+    def read() -> dict:
+        st = get_memory_info_reply(state).store_stats
+        return {"store": st.object_store_bytes_used, "spilled": st.spilled_bytes_total}
+
+    return read
+
+
+class Watch(PeakMemory):
+    """Samples, every `every` s, the object store, the driver's and the sink's RSS and the sink's
+    open files (`samples`), and adds each Ray process's CPU time since the last sample to its
+    role (`cpu`). Roles are PeakMemory's (from the process titles)."""
+
+    def __init__(self, every: float = 0.5):
+        super().__init__(os.getpid(), every)
+        self.samples = []
+        self.cpu = defaultdict(float)
+        self.seen = {}  # pid -> CPU seconds at the last sample
+        self.store = store_reader()
+        self.capacity = ray.cluster_resources().get("object_store_memory", 0)  # bytes
+
+    def __enter__(self):
+        for p in [self.me] + self.me.children(recursive=True):  # CPU spent before the run is not counted
+            with contextlib.suppress(psutil.Error):
+                c = p.cpu_times()
+                self.seen[p.pid] = c.user + c.system
+        return super().__enter__()
+
+    def loop(self):
+        t0 = time.monotonic()
+        while not self.stop.is_set():
+            s = {"t": time.monotonic() - t0}
+            try:
+                s.update(self.store())
+            except Exception:  # noqa: BLE001 - the cluster is going away
+                pass
+            for p in [self.me] + self.me.children(recursive=True):
+                try:
+                    self.measure(p, s)
+                except psutil.Error:  # processes come and go
+                    pass
+            self.samples.append(s)
+            time.sleep(self.every)
+
+    def measure(self, p, s: dict) -> None:
+        role = self.role(p) or "other"
+        with p.oneshot():
+            c = p.cpu_times()
+            now = c.user + c.system
+            self.cpu[role] += now - self.seen.get(p.pid, 0.0)  # a new process: all of its CPU
+            self.seen[p.pid] = now
+            if role in ("driver", "sink actor"):
+                s[f"{role} rss"] = p.memory_info().rss
+            if role == "sink actor":
+                s["sink fds"] = p.num_fds()
+
+    def peaks(self, key: str, scale: float = MIB) -> tuple:
+        """(peak over the run, peak in its first half, peak in its second half) of one series."""
+        xs = [(s["t"], s[key]) for s in self.samples if key in s]
+        if not xs:
+            return (None, None, None)
+        half = xs[-1][0] / 2
+        first = max((v for t, v in xs if t <= half), default=0)
+        second = max((v for t, v in xs if t > half), default=0)
+        return tuple(round(v / scale, 1) for v in (max(first, second), first, second))
+
+
+def flat(first, second, slack: float) -> bool:
+    return first is not None and second <= 1.25 * first + slack
+
+
+def job(shards: Path, out: Path, env: dict, store_limit: int = 0, **settings) -> tuple:
+    """pipeline.run over `shards` with the null backbone and `env` set (forwarded to the workers);
+    its lines go to out/job.log. `store_limit` (bytes; 0: Ray Data's default, a share of the object
+    store) caps what Ray Data lets its stages keep in the object store. Returns (summary, Watch,
+    seconds after Ray start-up)."""
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import init_ray, run, stop_ray
+
+    cfg = Config(
+        dataset_dir=str(shards),
+        hdf5_dir=str(out),
+        partition="distractors",
+        framework="null",
+        model=MODEL,
+        resolution=SIDE,
+        pretrained=False,
+        **settings,
+    )
+    out.mkdir(parents=True)
+    saved = dict(os.environ)
+    os.environ.update(env, ILIAS_RAY_TESTING="1")
+    limits = ray.data.DataContext.get_current().execution_options
+    default = limits.resource_limits
+    if store_limit:
+        limits.resource_limits = default.copy(object_store_memory=store_limit)
+    try:
+        init_ray(cfg)
+        with Watch() as w, open(out / "job.log", "w") as log, contextlib.redirect_stdout(log):
+            t = time.perf_counter()
+            summary = run(cfg)
+            seconds = time.perf_counter() - t
+    finally:
+        stop_ray()
+        limits.resource_limits = default
+        os.environ.clear()
+        os.environ.update(saved)
+    return summary, w, seconds
+
+
+def cpu_split(w: Watch, seconds: float) -> dict:
+    """CPU seconds per role, and the share of the machine's CPUs the run used."""
+    roles = {k: round(v, 1) for k, v in sorted(w.cpu.items(), key=lambda kv: -kv[1])}
+    return {"cpu_s_by_role": roles, "machine_cpu_busy": round(sum(roles.values()) / (seconds * os.cpu_count()), 2)}
+
+
+def sink_part(shards: Path, tmp: Path, args) -> dict:
+    summary, w, seconds = job(shards, tmp / "out_sink", {})
+    rows = summary["rows"] + summary["skipped"]
+    sink_cpu = w.cpu.get("sink actor", 0.0)
+    out = {
+        "sink_job_rows": rows,
+        "sink_job_outputs": len(summary["written"]),
+        "sink_job_s": round(seconds, 1),
+        "sink_job_rows_per_s_steady": round(steady_rate(summary["timeline"])),
+        "sink_job_rows_per_s_whole": round(rows / seconds),
+        "sink_job_sink_busy": round(sink_cpu / seconds, 2),
+        "sink_job_rows_per_sink_cpu_s": round(rows / max(sink_cpu, 1e-9)),
+    }
+    out.update({f"sink_job_{k}": v for k, v in cpu_split(w, seconds).items()})
+    out.update(ray_fed_sink(tmp / "out_ray_fed", args))
+    return out
+
+
+def ray_fed_sink(out: Path, args) -> dict:
+    """One Sink actor, as the job runs it, fed by Ray alone: pre-made sink batches (D=1024 fp16,
+    bench/sink_capacity's, shuffled within windows) from the object store. Rows/s through Ray's
+    transport, steady (between 10% and 90%, from the sink's progress rows)."""
+    import pyarrow as pa
+    from ray.data import ActorPoolStrategy
+
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import init_ray, stop_ray
+    from ilias_ray.sink import Sink
+
+    per_shard = 10_000
+    shards = max(1, args.fed_rows // per_shard)
+    tables = [pa.Table.from_pydict(b) for b in batches(shards, per_shard, 256, 1024)]
+    out.mkdir(parents=True)
+    spec, run = one_output(out, shards)
+    init_ray(Config(dataset_dir=str(out), hdf5_dir=str(out)))
+    try:
+        ds = ray.data.from_arrow(tables).map_batches(
+            Sink,
+            fn_constructor_kwargs={"outputs": [spec], "run": run},
+            batch_size=None,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+            max_restarts=0,
+            num_cpus=0,
+        )
+        timeline, t0 = [], time.perf_counter()
+        with Watch() as w:
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                timeline.append((time.perf_counter() - t0, int(b["rows"].max())))
+            seconds = time.perf_counter() - t0
+    finally:
+        stop_ray()
+    rows = shards * per_shard
+    assert timeline[-1][1] == rows and (out / spec.name).exists()
+    sink_cpu = w.cpu.get("sink actor", 0.0)
+    return {
+        "ray_fed_rows": rows,
+        "ray_fed_rows_per_s_steady": round(steady_rate(timeline)),
+        "ray_fed_rows_per_s_whole": round(rows / seconds),
+        "ray_fed_sink_busy": round(sink_cpu / seconds, 2),
+        "ray_fed_rows_per_sink_cpu_s": round(rows / max(sink_cpu, 1e-9)),
+    }
+
+
+def memory_peaks(prefix: str, w: Watch, keys) -> dict:
+    """Each series' peak (MiB, or a count), its first- and second-half peaks, and whether it is flat."""
+    out = {}
+    for key, scale, slack in keys:
+        peak, first, second = w.peaks(key, scale)
+        name = key.replace(" ", "_")
+        unit = "mib" if scale == MIB else "n"
+        out[f"{prefix}_{name}_peak_{unit}"] = peak
+        out[f"{prefix}_{name}_halves_{unit}"] = f"{first} / {second}"
+        out[f"{prefix}_{name}_flat"] = flat(first, second, slack)
+    return out
+
+
+def backpressure_part(shards: Path, tmp: Path, args) -> dict:
+    env = {"ILIAS_RAY_FAULT": f"sink_write:slow={args.slow_ms}"}
+    n = min(args.bp_shards, args.shards)
+    summary, w, seconds = job(shards, tmp / "out_bp", env, args.bp_store_mib * MIB, total_tars=n)
+    out = {
+        "bp_store_limit_mib": args.bp_store_mib or "Ray Data's default",
+        "bp_rows": summary["rows"] + summary["skipped"],
+        "bp_s": round(seconds, 1),
+        "bp_rows_per_s": round((summary["rows"] + summary["skipped"]) / seconds),
+        "bp_store_capacity_mib": round(w.capacity / MIB),
+    }
+    keys = (("store", MIB, 64), ("spilled", MIB, 0), ("driver rss", MIB, 64), ("sink actor rss", MIB, 64))
+    out.update(memory_peaks("bp", w, keys))
+    return out
+
+
+def outputs_part(shards: Path, tmp: Path, args) -> dict:
+    summary, w, seconds = job(shards, tmp / "out_many", {}, tar_batch_size=1)
+    out = {
+        "outputs_files": len(summary["written"]),
+        "outputs_rows": summary["rows"] + summary["skipped"],
+        "outputs_s": round(seconds, 1),
+        "outputs_rows_per_s": round((summary["rows"] + summary["skipped"]) / seconds),
+    }
+    keys = (("sink fds", 1, 16), ("sink actor rss", MIB, 64), ("driver rss", MIB, 64), ("store", MIB, 64))
+    out.update(memory_peaks("outputs", w, keys))
+    return out
+
+
+def planning_part(tmp: Path, args) -> dict:
+    """bench/selected_ids.py's planning, in its own process: its peak RSS is the planning's alone."""
+    path = tmp / "planning.json"
+    cmd = [sys.executable, str(HERE / "selected_ids.py"), "--plan_only", "--shards", "1000"]
+    subprocess.run(cmd + ["--ids", str(args.ids), "--json", str(path)], check=True, stdout=subprocess.DEVNULL)
+    import json
+
+    got = json.loads(path.read_text())
+    return {f"planning_{k}": got[k] for k in ("shards", "ids", "plan_s", "plan_peak_rss_mib", "rss_before_plan_mib")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", type=int, default=2000)
+    ap.add_argument("--per_shard", type=int, default=25)
+    ap.add_argument("--ids", type=int, default=5_000_000, help="--selected_ids length for the planning")
+    ap.add_argument("--fed_rows", type=int, default=200_000, help="rows for the sink fed by Ray alone")
+    ap.add_argument("--slow_ms", type=int, default=10, help="ms the slowed sink sleeps per row written")
+    ap.add_argument("--bp_shards", type=int, default=200, help="shards of the backpressure run")
+    ap.add_argument(
+        "--bp_store_mib", type=int, default=4, help="Ray Data's object store budget in that run (0: its default)"
+    )
+    ap.add_argument("--only", choices=("planning", "sink", "backpressure", "outputs"), default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster, as in the tests
+
+    tmp = Path(tempfile.mkdtemp(prefix="ilias-bench-scale-"))
+    res = machine()
+    res.update(shards=args.shards, per_shard=args.per_shard, dim=1024, dtype="float16")
+    parts = {"planning": planning_part, "sink": sink_part, "backpressure": backpressure_part, "outputs": outputs_part}
+    todo = [args.only] if args.only else list(parts)
+    if todo != ["planning"]:
+        t = time.perf_counter()
+        make_shards(tmp / "shards", args.shards, args.per_shard, SIDE)
+        res["build_shards_s"] = round(time.perf_counter() - t, 1)
+    for name in todo:
+        t = time.perf_counter()
+        res.update(parts[name](tmp, args) if name == "planning" else parts[name](tmp / "shards", tmp, args))
+        print(f"[{name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+    return report(res, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
