@@ -16,8 +16,11 @@ planning      bench/selected_ids.py --plan_only in its own process: seconds and 
 sink          rows/s reaching the sink in the real job (steady: between 10% and 90% of the rows,
               from the driver's progress timeline) and the CPU seconds of each role; the sink's
               busy fraction (its CPU seconds / the run's seconds) says whether it is the bound.
-              Then one sink fed by Ray alone: pre-made D=1024 fp16 batches (bench/sink_capacity's)
-              from the object store into the same Sink actor: its rows/s through Ray's transport.
+              Then the sink stage alone (pipeline.start_sinks + sink.route, as the job builds it),
+              fed pre-made D=1024 fp16 rows of 4 outputs by Ray, with 1, 2 and 4 sinks: rows/s and
+              rows per CPU-second of the sinks, as they are (--fed_rows) and with each sink slowed
+              to --scaling_slow_ms per row (--scaling_rows): a sink that is the bound whatever the
+              cores, so the stage's rate shows how it grows with the sinks.
 backpressure  the job with the sink slowed by --slow_ms per row written (ILIAS_RAY_FAULT=
               sink_write:slow=MS) over --bp_shards shards, with Ray Data's object store budget
               set to --bp_store_mib (these tiny shards are far below its default budget, a share
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,6 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 import ray  # noqa: E402 - first: it puts its bundled psutil on the path
 
 # isort: split
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from bench import PeakMemory, steady_rate  # noqa: E402
@@ -202,54 +207,91 @@ def sink_part(shards: Path, tmp: Path, args) -> dict:
         "sink_job_rows_per_sink_cpu_s": round(rows / max(sink_cpu, 1e-9)),
     }
     out.update({f"sink_job_{k}": v for k, v in cpu_split(w, seconds).items()})
-    out.update(ray_fed_sink(tmp / "out_ray_fed", args))
+    out.update(sink_scaling(tmp, args))
     return out
 
 
-def ray_fed_sink(out: Path, args) -> dict:
-    """One Sink actor, as the job runs it, fed by Ray alone: pre-made sink batches (D=1024 fp16,
-    bench/sink_capacity's, shuffled within windows) from the object store. Rows/s through Ray's
-    transport, steady (between 10% and 90%, from the sink's progress rows)."""
+def fed_specs(out: Path, outputs: int, shards: int) -> tuple:
+    """([OutputSpec] of `outputs` outputs of `shards` units each, RunInfo), in `out`."""
+    spec, run = one_output(out, shards)
+    return [replace(spec, name=f"features_distractors_{o:05d}.hdf5") for o in range(outputs)], run
+
+
+def fed_tables(outputs: int, shards: int, per_shard: int) -> list:
+    """bench/sink_capacity's pre-made sink batches (D=1024 fp16, 256 rows, shuffled within windows)
+    for each output, interleaved so that every output is in flight at once, as Arrow tables."""
     import pyarrow as pa
-    from ray.data import ActorPoolStrategy
+
+    each = []
+    for o in range(outputs):
+        bs = batches(shards, per_shard, 256, 1024)
+        for b in bs:
+            b["out"] = np.full(len(b["out"]), o, np.int64)
+        each.append(bs)
+    return [pa.Table.from_pydict(b) for group in zip(*each) for b in group]
+
+
+def fed_sinks(out: Path, sinks: int, outputs: int, rows: int, slow_ms: int = 0) -> dict:
+    """The job's sink stage alone (pipeline.start_sinks + sink.route, as `run` builds it) with
+    `sinks` sinks, fed pre-made rows of `outputs` outputs by Ray: rows/s, steady (between 10% and
+    90%, from the progress rows), and rows per CPU-second of the sinks. slow_ms: each sink sleeps
+    that long per row written (ILIAS_RAY_FAULT=sink_write:slow=MS): a sink that is the bound
+    whatever the machine's cores, to show that the stage's rate grows with the sinks."""
+    from ray.data import TaskPoolStrategy
 
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import init_ray, stop_ray
-    from ilias_ray.sink import Sink
+    from ilias_ray.pipeline import ROUTES_PER_SINK, init_ray, start_sinks, stop_ray
+    from ilias_ray.sink import route
 
-    per_shard = 10_000
-    shards = max(1, args.fed_rows // per_shard)
-    tables = [pa.Table.from_pydict(b) for b in batches(shards, per_shard, 256, 1024)]
+    per_shard = 500
+    shards = max(1, rows // (outputs * per_shard))
+    tables = fed_tables(outputs, shards, per_shard)
     out.mkdir(parents=True)
-    spec, run = one_output(out, shards)
+    specs, run = fed_specs(out, outputs, shards)
+    saved = dict(os.environ)
+    if slow_ms:
+        os.environ.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"sink_write:slow={slow_ms}")
     init_ray(Config(dataset_dir=str(out), hdf5_dir=str(out)))
     try:
+        handles = start_sinks(ray, specs, run, sinks)
         ds = ray.data.from_arrow(tables).map_batches(
-            Sink,
-            fn_constructor_kwargs={"outputs": [spec], "run": run},
+            route,
+            fn_kwargs={"sinks": handles},
             batch_size=None,
             batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=1),
-            max_restarts=0,
+            compute=TaskPoolStrategy(size=ROUTES_PER_SINK * sinks),
             num_cpus=0,
         )
-        timeline, t0 = [], time.perf_counter()
+        timeline, done, t0 = [], {}, time.perf_counter()
         with Watch() as w:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                timeline.append((time.perf_counter() - t0, int(b["rows"].max())))
+                done.update(zip(b["out"].tolist(), b["rows"].tolist()))
+                timeline.append((time.perf_counter() - t0, sum(done.values())))
             seconds = time.perf_counter() - t0
     finally:
         stop_ray()
-    rows = shards * per_shard
-    assert timeline[-1][1] == rows and (out / spec.name).exists()
-    sink_cpu = w.cpu.get("sink actor", 0.0)
+        os.environ.clear()
+        os.environ.update(saved)
+    total = outputs * shards * per_shard
+    assert timeline[-1][1] == total and all((out / spec.name).exists() for spec in specs)
     return {
-        "ray_fed_rows": rows,
-        "ray_fed_rows_per_s_steady": round(steady_rate(timeline)),
-        "ray_fed_rows_per_s_whole": round(rows / seconds),
-        "ray_fed_sink_busy": round(sink_cpu / seconds, 2),
-        "ray_fed_rows_per_sink_cpu_s": round(rows / max(sink_cpu, 1e-9)),
+        "rows": total,
+        "rows_per_s_steady": round(steady_rate(timeline)),
+        "rows_per_s_whole": round(total / seconds),
+        "rows_per_sink_cpu_s": round(total / max(w.cpu.get("sink actor", 0.0), 1e-9)),
     }
+
+
+def sink_scaling(tmp: Path, args) -> dict:
+    """fed_sinks with 1, 2 and 4 sinks over 4 outputs: as they are (--fed_rows rows), and slowed
+    to --scaling_slow_ms per row (--scaling_rows rows)."""
+    out = {}
+    for n in (1, 2, 4):
+        for mode, rows, slow in (("", args.fed_rows, 0), ("slowed_", args.scaling_rows, args.scaling_slow_ms)):
+            got = fed_sinks(tmp / f"fed_{mode}{n}", n, 4, rows, slow)
+            out.update({f"fed_{mode}{n}_sinks_{k}": v for k, v in got.items()})
+            print(f"[{n} sink(s) {mode or 'as is'}: {got['rows_per_s_steady']} rows/s]", file=sys.stderr, flush=True)
+    return out
 
 
 def memory_peaks(prefix: str, w: Watch, keys) -> dict:
@@ -310,7 +352,9 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=2000)
     ap.add_argument("--per_shard", type=int, default=25)
     ap.add_argument("--ids", type=int, default=5_000_000, help="--selected_ids length for the planning")
-    ap.add_argument("--fed_rows", type=int, default=200_000, help="rows for the sink fed by Ray alone")
+    ap.add_argument("--fed_rows", type=int, default=200_000, help="rows for the sinks fed by Ray alone")
+    ap.add_argument("--scaling_rows", type=int, default=20_000, help="rows for the slowed sinks fed by Ray alone")
+    ap.add_argument("--scaling_slow_ms", type=int, default=1, help="ms a slowed sink sleeps per row written")
     ap.add_argument("--slow_ms", type=int, default=10, help="ms the slowed sink sleeps per row written")
     ap.add_argument("--bp_shards", type=int, default=200, help="shards of the backpressure run")
     ap.add_argument(

@@ -144,6 +144,12 @@ class Config:
         "single-threaded actor per CPU (at most one per 3 GiB of memory) without GPUs)",
         minimum=1,
     )
+    sinks: Optional[int] = setting(
+        None,
+        "sink actors on the driver's node, each writing its share of the output files (output o goes to "
+        "sink o mod N); default: one per 16 model actors, at most one per output file",
+        minimum=1,
+    )
     use_gpu: Optional[bool] = setting(
         None, "auto: GPU actors if the cluster has GPUs now; true: request GPUs even before an autoscaler adds them"
     )

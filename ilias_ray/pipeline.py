@@ -362,6 +362,29 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     return ds, pool
 
 
+# Sinks: one per SINK_MODEL_ACTORS model actors. One sink takes about 23,000 rows/s through Ray
+# on this project's 2-core machine (bench/scale.py), and a GPU about 1,000 images/s at 512 px.
+SINK_MODEL_ACTORS = 16
+ROUTES_PER_SINK = 2  # sink-stage tasks in flight per sink: one splits a batch while one waits
+
+
+def sink_count(cfg: Config, pool: Pool, outputs: int) -> int:
+    """--sinks, or one per SINK_MODEL_ACTORS model actors; never more than there are outputs."""
+    want = cfg.sinks or -(-pool.max_actors // SINK_MODEL_ACTORS)
+    return max(1, min(want, outputs))
+
+
+def start_sinks(ray, specs: list, run: RunInfo, n: int) -> list:
+    """n sink actors on the driver's node (which owns --hdf5_dir's staging), each owning the outputs
+    o with o % n == its index. Never restarted: a new sink would lack the rows the dead one had
+    taken, so its outputs could never finish (the run stops, and a rerun resumes)."""
+    from ilias_ray.sink import Sink
+
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    actor = ray.remote(Sink).options(num_cpus=0, max_restarts=0, resources=here)
+    return [actor.remote(specs, run, k, n) for k in range(n)]
+
+
 def actor_death(e: BaseException):
     """The one-line UserError for a run stopped by a dead actor, or None for other failures."""
     from ray.exceptions import RayActorError
@@ -382,12 +405,11 @@ def actor_death(e: BaseException):
             f"a model batch ({batch}) killed its actor {1 + MODEL_BATCH_RETRIES} times, so the run "
             f"stopped; an image the model cannot take, or an out-of-memory kill, does this; {kept}"
         )
-    what = "the sink (it is not restarted: it held rows no other sink has)" if "Sink" in str(dead) else "an actor"
-    return UserError(f"{what} died: {str(dead).strip().splitlines()[0][:200]}; {kept}")
+    return UserError(f"an actor died: {str(dead).strip().splitlines()[0][:200]}; {kept}")  # sinks: sink.route
 
 
 def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
-    from ilias_ray.sink import Sink, progress_batch, progress_row
+    from ilias_ray.sink import progress_batch, progress_row, route
 
     run = run_info(cfg)
     specs = output_specs(plan)
@@ -402,24 +424,22 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
             specs[i] = replace(spec, done=True)
     if not all(spec.done for spec in specs):
         ray = init_ray(cfg)
-        from ray.data import ActorPoolStrategy
+        from ray.data import TaskPoolStrategy
 
         ds, pool = build_dataset(cfg, plan, ray)
+        sinks = start_sinks(ray, specs, run, sink_count(cfg, pool, len(specs)))
         say(
             f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
-            f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'})"
+            f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'}; "
+            f"{len(sinks)} sink(s))"
         )
-        # The sink lives on the driver's node, which owns --hdf5_dir.
-        here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
         ds = ds.map_batches(
-            Sink,
-            fn_constructor_kwargs={"outputs": specs, "run": run},
+            route,
+            fn_kwargs={"sinks": sinks},
             batch_size=None,
             batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=1),
-            max_restarts=0,
+            compute=TaskPoolStrategy(size=ROUTES_PER_SINK * len(sinks)),
             num_cpus=0,
-            resources=here,
         )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -427,6 +447,9 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
                 locks.check()
         except Exception as e:
             raise actor_death(e) or e
+        finally:
+            for sink in sinks:  # done, or the run stops: they hold nothing a rerun needs
+                ray.kill(sink)
         if os.environ.get("ILIAS_RAY_STATS"):
             say(ds.stats())
     tot = progress.totals()

@@ -1,4 +1,8 @@
-"""Stage 4 (one actor, on the driver's node): put rows back in order, and say how far each output is.
+"""Stage 4 (sink actors, on the driver's node): put rows back in order, and say how far each output is.
+
+Each output file belongs to one sink actor: output `o` to sink `o % shards` (`route` sends each
+row there), so one output's rows always meet in one process, and more sinks take more rows per
+second when many outputs are in flight (bench/scale.py).
 
 Rows reach the sink out of order. Each unit (tar shard, or folder list) has its own cursor and
 reorder buffer, and hands its in-order rows to its part writer (parts.py), so memory depends on
@@ -148,19 +152,25 @@ class OutputRows:
 
 
 class Sink:
-    """Ray Data callable class; must run as a single actor. Returns progress rows."""
+    """One sink actor: the outputs `o` with `o % shards == shard`. Returns progress rows.
 
-    def __init__(self, outputs: list, run: RunInfo):
-        self.writers = [OutputRows(spec, run) for spec in outputs]
-        for w in self.writers:
+    Also a Ray Data callable class (`shards=1`, one actor: every output)."""
+
+    def __init__(self, outputs: list, run: RunInfo, shard: int = 0, shards: int = 1):
+        self.writers = {o: OutputRows(spec, run) for o, spec in enumerate(outputs) if o % shards == shard}
+        for w in self.writers.values():
             w.drain()  # an output whose units are all done already is assembled at once
+
+    def write(self, batch: dict) -> dict:
+        """The sink actor's method (`route` calls it)."""
+        return self(batch)
 
     def __call__(self, batch: dict) -> dict:
         try:
             return self._call(batch)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                out = self.writers[0].dir
+                out = next(iter(self.writers.values())).dir
                 where = f"--hdf5_dir {out}" if out.local else f"the staging directory {out.staging()} (for {out})"
                 raise UserError(
                     f"{where}: {e.strerror}; no file was finished by this write. "
@@ -173,7 +183,7 @@ class Sink:
         touched = set()
         for i in range(len(batch["seq"])):
             o = int(batch["out"][i])
-            w = self.writers[o]
+            w = self.writers[o]  # a KeyError: a row routed to the wrong sink
             touched.add(o)
             if batch["kind"][i] == Kind.MARKER:
                 w.end_unit(int(batch["unit"][i]), batch["pos"][i], str(batch["note"][i]))
@@ -191,3 +201,27 @@ class Sink:
         for o in touched:
             self.writers[o].drain()
         return progress_batch([self.writers[o].progress(o) for o in sorted(touched)])
+
+
+def route(batch: dict, sinks: list) -> dict:
+    """The sink stage's task (Ray Data, a task pool): the rows of output `o` go to
+    `sinks[o % len(sinks)]`; it waits for the sinks it called (so a slow sink holds the stage
+    back: backpressure) and returns their progress rows."""
+    import ray
+
+    if len(sinks) == 1:
+        calls = [sinks[0].write.remote(batch)]
+    else:
+        shard = batch["out"] % len(sinks)
+        calls = [sinks[int(k)].write.remote({c: v[shard == k] for c, v in batch.items()}) for k in np.unique(shard)]
+    try:
+        done = ray.get(calls)
+    except ray.exceptions.RayActorError as e:
+        why = str(e).strip().splitlines()[0][:200]
+        raise UserError(
+            f"the sink (it is not restarted: it held rows no other sink has) died: {why}; finished shards are "
+            "kept: rerun the same command to resume"
+        ) from None
+    if not done:
+        return progress_batch([])
+    return {c: np.concatenate([d[c] for d in done]) for c in PROGRESS_COLUMNS}

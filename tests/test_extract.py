@@ -160,14 +160,28 @@ def test_checkpoint_pth_equals_safetensors(ray_cluster, sample, vit_checkpoint, 
     np.testing.assert_array_equal(a, b)
 
 
-def test_same_rows_whatever_batching_and_actors(ray_cluster, sample, tmp_path):
-    base = dict(partition="distractors", pretrained=False, tar_batch_size=10)
-    extract(tmp_path / "a", sample["yfcc"], batch_size=64, webdl_batch_size=64, **base)
-    extract(tmp_path / "b", sample["yfcc"], batch_size=1, webdl_batch_size=5, model_actors=2, num_workers=1, **base)
+def test_same_rows_whatever_batching_actors_and_sinks(ray_cluster, sample, tmp_path, capsys):
+    base = dict(partition="distractors", pretrained=False)
+    extract(tmp_path / "a", sample["yfcc"], batch_size=64, webdl_batch_size=64, tar_batch_size=10, **base)
+    # One output file per shard, written by two sink actors (output o by sink o mod 2).
+    s = extract(
+        tmp_path / "b",
+        sample["yfcc"],
+        batch_size=1,
+        webdl_batch_size=5,
+        model_actors=2,
+        num_workers=1,
+        tar_batch_size=1,
+        sinks=2,
+        **base,
+    )
+    assert "2 sink(s)" in capsys.readouterr().out and len(s["written"]) == len(list(sample["yfcc"].glob("*.tar"))) > 2
     a = read(tmp_path / "a" / "features_distractors_00000.hdf5")
-    b = read(tmp_path / "b" / "features_distractors_00000.hdf5")
-    assert a["index"] == b["index"] and len(a["index"]) == len(set(a["index"]))
-    np.testing.assert_allclose(a["features"].astype(np.float32), b["features"].astype(np.float32), atol=1e-3)
+    b = [read(tmp_path / "b" / name) for name in s["written"]]
+    assert a["index"] == sum((d["index"] for d in b), []) and len(a["index"]) == len(set(a["index"]))
+    assert a["skipped_index"] == sum((d["skipped_index"] for d in b), [])
+    b_features = np.concatenate([d["features"] for d in b]).astype(np.float32)
+    np.testing.assert_allclose(a["features"].astype(np.float32), b_features, atol=1e-3)
 
 
 def test_text_queries(ray_cluster, sample, tmp_path):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import h5py
 import numpy as np
+import pytest
 
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, UnitSpec
 from ilias_ray.parts import finished_units
@@ -140,3 +142,19 @@ def test_progress_lines(capsys):
         "input_duplicates": 0,
         "read_retries": 0,
     }
+
+
+def test_each_sink_owns_every_nth_output(tmp_path):
+    """With N sinks, sink k writes the outputs o with o % N == k (sink.route sends it their rows)
+    and no other: another output's row is an error, never a second writer."""
+    one = spec(tmp_path, [(0, "a.tar", None, 0, None)])
+    outputs = [replace(one, name=f"f{o}.hdf5") for o in range(5)]
+    sinks = [Sink(outputs, RUN, k, 2) for k in range(2)]
+    assert [sorted(s.writers) for s in sinks] == [[0, 2, 4], [1, 3]]
+    rows = batch([(0, 0, Kind.IMAGE), (0, 1, Kind.MARKER)])
+    for o in range(5):
+        got = sinks[o % 2](dict(rows, out=np.full(2, o)))
+        assert got["out"].tolist() == [o] and bool(got["finished"][0])
+        with pytest.raises(KeyError):
+            sinks[(o + 1) % 2](dict(rows, out=np.full(2, o)))
+    assert sorted(p.name for p in tmp_path.glob("*.hdf5")) == [f"f{o}.hdf5" for o in range(5)]
