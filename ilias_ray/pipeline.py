@@ -179,7 +179,8 @@ def run_info(cfg: Config) -> RunInfo:
 
 
 class Progress:
-    """One line per output file every `every` seconds, and one when it finishes."""
+    """One line per output file every `every` seconds, and one when it finishes. Each count only
+    grows: a progress row that arrives after a newer one of the same output changes nothing."""
 
     def __init__(self, plan: Plan, every: float = 5.0):
         self.names = [o.name for o in plan.outputs]
@@ -202,7 +203,12 @@ class Progress:
                 duplicates=int(batch["duplicates"][i]),
                 retries=int(batch["retries"][i]),
             )
-            was_finished = self.state.get(o, {}).get("finished", False)
+            # Progress rows reach the driver out of order (several sink-stage tasks are in flight):
+            # an output's progress only grows, and once finished it stays finished.
+            old = self.state.get(o)
+            was_finished = bool(old and old["finished"])
+            if old:
+                st = {k: max(v, old[k]) for k, v in st.items()}
             self.state[o] = st
             if st["finished"] and not was_finished:
                 self.line(o, now, done=True)

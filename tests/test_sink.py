@@ -130,7 +130,9 @@ def test_progress_lines(capsys):
     }
     p.update(row(99, 0.25, False))
     p.update(row(399, 1.0, True))
+    p.update(row(199, 0.5, False))  # an older row, late (several sink-stage tasks are in flight)
     lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
     assert lines[0].startswith("[features_distractors_00000.hdf5] 99 rows, 1 skipped")
     assert "img/s" in lines[0] and "25.0%  ETA " in lines[0]
     assert lines[1].endswith("done")
