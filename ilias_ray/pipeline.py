@@ -368,8 +368,8 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     return ds, pool
 
 
-# Sinks: one per SINK_MODEL_ACTORS model actors. One sink takes about 23,000 rows/s through Ray
-# on this project's 2-core machine (bench/scale.py), and a GPU about 1,000 images/s at 512 px.
+# Sinks: one per SINK_MODEL_ACTORS model actors. One sink takes 20,000-26,000 rows per CPU-second
+# of its own through Ray (bench/scale.py, 2-core machine), and a GPU about 1,000 images/s at 512 px.
 SINK_MODEL_ACTORS = 16
 ROUTES_PER_SINK = 2  # sink-stage tasks in flight per sink: one splits a batch while one waits
 
