@@ -169,17 +169,8 @@ def test_a_missing_required_flag(capsys):
         (dict(num_workers=-1), "--num_workers must be >= 0"),
         (dict(hdf5_compression=10), "--hdf5_compression is a gzip level: 0..9"),
         (dict(start_tar=5), "--start_tar (5) must be divisible by --tar_batch_size (10)"),
-    ],
-)
-def test_declared_choices_and_bounds_are_checked(kw, message):
-    with pytest.raises(UserError) as e:
-        default(**kw).validate()
-    assert str(e.value) == message
-
-
-@pytest.mark.parametrize(
-    "kw,message",
-    [
+        (dict(sinks=0), "--sinks must be a positive integer"),
+        # Several partitions in one run
         (
             dict(partition="image_queries,query"),
             "--partition must be one of image_queries, text_queries, positives, distractors, uned, not 'query'",
@@ -210,7 +201,7 @@ def test_declared_choices_and_bounds_are_checked(kw, message):
         ),
     ],
 )
-def test_several_partitions_are_checked(kw, message):
+def test_declared_choices_and_bounds_are_checked(kw, message):
     with pytest.raises(UserError) as e:
         default(**kw).validate()
     assert str(e.value) == message
