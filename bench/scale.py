@@ -16,7 +16,7 @@ planning      bench/selected_ids.py --plan_only in its own process: seconds and 
 sink          rows/s reaching the sink in the real job (steady: between 10% and 90% of the rows,
               from the driver's progress timeline) and the CPU seconds of each role; the sink's
               busy fraction (its CPU seconds / the run's seconds) says whether it is the bound.
-              Then the sink stage alone (pipeline.start_sinks + sink.route, as the job builds it),
+              Then the sink stage alone (pipeline.sink_stage, as the job builds it),
               fed pre-made D=1024 fp16 rows of 4 outputs by Ray, with 1, 2 and 4 sinks: rows/s and
               rows per CPU-second of the sinks, as they are (--fed_rows) and with each sink slowed
               to --scaling_slow_ms per row (--scaling_rows): a sink that is the bound whatever the
@@ -232,16 +232,13 @@ def fed_tables(outputs: int, shards: int, per_shard: int) -> list:
 
 
 def fed_sinks(out: Path, sinks: int, outputs: int, rows: int, slow_ms: int = 0) -> dict:
-    """The job's sink stage alone (pipeline.start_sinks + sink.route, as `run` builds it) with
+    """The job's sink stage alone (pipeline.sink_stage, as `run` builds it) with
     `sinks` sinks, fed pre-made rows of `outputs` outputs by Ray: rows/s, steady (between 10% and
     90%, from the progress rows), and rows per CPU-second of the sinks. slow_ms: each sink sleeps
     that long per row written (ILIAS_RAY_FAULT=sink_write:slow=MS): a sink that is the bound
     whatever the machine's cores, to show that the stage's rate grows with the sinks."""
-    from ray.data import TaskPoolStrategy
-
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import ROUTES_PER_SINK, init_ray, start_sinks, stop_ray
-    from ilias_ray.sink import route
+    from ilias_ray.pipeline import init_ray, sink_stage, stop_ray
 
     per_shard = 500
     shards = max(1, rows // (outputs * per_shard))
@@ -253,15 +250,7 @@ def fed_sinks(out: Path, sinks: int, outputs: int, rows: int, slow_ms: int = 0) 
         os.environ.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"sink_write:slow={slow_ms}")
     init_ray(Config(dataset_dir=str(out), hdf5_dir=str(out)))
     try:
-        handles = start_sinks(ray, specs, run, sinks)
-        ds = ray.data.from_arrow(tables).map_batches(
-            route,
-            fn_kwargs={"sinks": handles},
-            batch_size=None,
-            batch_format="numpy",
-            compute=TaskPoolStrategy(size=ROUTES_PER_SINK * sinks),
-            num_cpus=0,
-        )
+        ds, _ = sink_stage(ray, ray.data.from_arrow(tables), specs, run, sinks)
         timeline, done, t0 = [], {}, time.perf_counter()
         with Watch() as w:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -380,15 +380,28 @@ def sink_count(cfg: Config, pool: Pool, outputs: int) -> int:
     return max(1, min(want, outputs))
 
 
-def start_sinks(ray, specs: list, run: RunInfo, n: int) -> list:
-    """n sink actors on the driver's node (which owns --hdf5_dir's staging), each owning the outputs
-    o with o % n == its index. Never restarted: a new sink would lack the rows the dead one had
-    taken, so its outputs could never finish (the run stops, and a rerun resumes)."""
-    from ilias_ray.sink import Sink
+def sink_stage(ray, ds, specs: list, run: RunInfo, n: int) -> tuple:
+    """`ds` with the sink stage added, and its n sink actors: the actors live on the driver's node
+    (which owns --hdf5_dir's staging), each owning the outputs o with o % n == its index, and the
+    stage is a task pool (sink.route) that hands each row to its output's sink. Never restarted: a
+    new sink would lack the rows the dead one had taken, so its outputs could never finish (the
+    run stops, and a rerun resumes). The caller kills the actors when the run ends."""
+    from ray.data import TaskPoolStrategy
+
+    from ilias_ray.sink import Sink, route
 
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     actor = ray.remote(Sink).options(num_cpus=0, max_restarts=0, resources=here)
-    return [actor.remote(specs, run, k, n) for k in range(n)]
+    sinks = [actor.remote(specs, run, k, n) for k in range(n)]
+    ds = ds.map_batches(
+        route,
+        fn_kwargs={"sinks": sinks},
+        batch_size=None,
+        batch_format="numpy",
+        compute=TaskPoolStrategy(size=ROUTES_PER_SINK * n),
+        num_cpus=0,
+    )
+    return ds, sinks
 
 
 def actor_death(e: BaseException):
@@ -415,7 +428,7 @@ def actor_death(e: BaseException):
 
 
 def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
-    from ilias_ray.sink import progress_batch, progress_row, route
+    from ilias_ray.sink import progress_batch, progress_row
 
     run = run_info(cfg)
     specs = output_specs(plan)
@@ -430,22 +443,12 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
             specs[i] = replace(spec, done=True)
     if not all(spec.done for spec in specs):
         ray = init_ray(cfg)
-        from ray.data import TaskPoolStrategy
-
         ds, pool = build_dataset(cfg, plan, ray)
-        sinks = start_sinks(ray, specs, run, sink_count(cfg, pool, len(specs)))
+        ds, sinks = sink_stage(ray, ds, specs, run, sink_count(cfg, pool, len(specs)))
         say(
             f"extracting {len(plan.outputs)} file(s) with {cfg.framework}:{cfg.model} "
             f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'}; "
             f"{len(sinks)} sink(s))"
-        )
-        ds = ds.map_batches(
-            route,
-            fn_kwargs={"sinks": sinks},
-            batch_size=None,
-            batch_format="numpy",
-            compute=TaskPoolStrategy(size=ROUTES_PER_SINK * len(sinks)),
-            num_cpus=0,
         )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
