@@ -51,7 +51,6 @@ sys.path.insert(0, str(HERE.parent))
 import ray  # noqa: E402 - first: it puts its bundled psutil on the path
 
 # isort: split
-import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from bench import PeakMemory, steady_rate  # noqa: E402
@@ -148,6 +147,19 @@ def flat(first, second, slack: float) -> bool:
     return first is not None and second <= 1.25 * first + slack
 
 
+@contextlib.contextmanager
+def environ(**env):
+    """os.environ with `env` set, as it was again afterwards (init_ray forwards ILIAS_RAY_* to the
+    workers of the cluster it starts)."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def job(shards: Path, out: Path, env: dict, store_limit: int = 0, **settings) -> tuple:
     """pipeline.run over `shards` with the null backbone and `env` set (forwarded to the workers);
     its lines go to out/job.log. `store_limit` (bytes; 0: Ray Data's default, a share of the object
@@ -167,23 +179,20 @@ def job(shards: Path, out: Path, env: dict, store_limit: int = 0, **settings) ->
         **settings,
     )
     out.mkdir(parents=True)
-    saved = dict(os.environ)
-    os.environ.update(env, ILIAS_RAY_TESTING="1")
     limits = ray.data.DataContext.get_current().execution_options
     default = limits.resource_limits
     if store_limit:
         limits.resource_limits = default.copy(object_store_memory=store_limit)
     try:
-        init_ray(cfg)
-        with Watch() as w, open(out / "job.log", "w") as log, contextlib.redirect_stdout(log):
-            t = time.perf_counter()
-            summary = run(cfg)
-            seconds = time.perf_counter() - t
+        with environ(**env, ILIAS_RAY_TESTING="1"):
+            init_ray(cfg)
+            with Watch() as w, open(out / "job.log", "w") as log, contextlib.redirect_stdout(log):
+                t = time.perf_counter()
+                summary = run(cfg)
+                seconds = time.perf_counter() - t
     finally:
         stop_ray()
         limits.resource_limits = default
-        os.environ.clear()
-        os.environ.update(saved)
     return summary, w, seconds
 
 
@@ -222,12 +231,7 @@ def fed_tables(outputs: int, shards: int, per_shard: int) -> list:
     for each output, interleaved so that every output is in flight at once, as Arrow tables."""
     import pyarrow as pa
 
-    each = []
-    for o in range(outputs):
-        bs = batches(shards, per_shard, 256, 1024)
-        for b in bs:
-            b["out"] = np.full(len(b["out"]), o, np.int64)
-        each.append(bs)
+    each = [batches(shards, per_shard, 256, 1024, out=o) for o in range(outputs)]
     return [pa.Table.from_pydict(b) for group in zip(*each) for b in group]
 
 
@@ -245,22 +249,19 @@ def fed_sinks(out: Path, sinks: int, outputs: int, rows: int, slow_ms: int = 0) 
     tables = fed_tables(outputs, shards, per_shard)
     out.mkdir(parents=True)
     specs, run = fed_specs(out, outputs, shards)
-    saved = dict(os.environ)
-    if slow_ms:
-        os.environ.update(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"sink_write:slow={slow_ms}")
-    init_ray(Config(dataset_dir=str(out), hdf5_dir=str(out)))
+    slow = dict(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"sink_write:slow={slow_ms}") if slow_ms else {}
     try:
-        ds, _ = sink_stage(ray, ray.data.from_arrow(tables), specs, run, sinks)
-        timeline, done, t0 = [], {}, time.perf_counter()
-        with Watch() as w:
-            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                done.update(zip(b["out"].tolist(), b["rows"].tolist()))
-                timeline.append((time.perf_counter() - t0, sum(done.values())))
-            seconds = time.perf_counter() - t0
+        with environ(**slow):
+            init_ray(Config(dataset_dir=str(out), hdf5_dir=str(out)))
+            ds, _ = sink_stage(ray, ray.data.from_arrow(tables), specs, run, sinks)
+            timeline, done, t0 = [], {}, time.perf_counter()
+            with Watch() as w:
+                for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    done.update(zip(b["out"].tolist(), b["rows"].tolist()))
+                    timeline.append((time.perf_counter() - t0, sum(done.values())))
+                seconds = time.perf_counter() - t0
     finally:
         stop_ray()
-        os.environ.clear()
-        os.environ.update(saved)
     total = outputs * shards * per_shard
     assert timeline[-1][1] == total and all((out / spec.name).exists() for spec in specs)
     return {

@@ -33,8 +33,9 @@ from report import report  # noqa: E402
 COLUMNS = ("seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec")
 
 
-def batches(shards: int, per_shard: int, size: int, dim: int) -> list:
-    """The model stage's output for `shards` shards of `per_shard` images, in batches of `size`."""
+def batches(shards: int, per_shard: int, size: int, dim: int, out: int = 0) -> list:
+    """The model stage's output for `shards` shards of `per_shard` images of output `out`, in
+    batches of `size`."""
     feat = np.random.default_rng(0).standard_normal(dim).astype(np.float16).tobytes()
     rows = []
     for u in range(shards):
@@ -44,14 +45,14 @@ def batches(shards: int, per_shard: int, size: int, dim: int) -> list:
     order = np.concatenate(
         [rng.permutation(np.arange(s, min(s + window, len(rows)))) for s in range(0, len(rows), window)]
     )
-    out = []
+    made = []
     for s in range(0, len(order), size):
         cols = {k: [] for k in COLUMNS}
         for i in order[s : s + size]:
             u, p, kind = rows[i]
             marker = kind == Kind.MARKER
             cols["seq"].append(seq_id(u, p))
-            cols["out"].append(0)
+            cols["out"].append(out)
             cols["unit"].append(u)
             cols["pos"].append(p)
             cols["id"].append(f"{u:05d}.tar/" if marker else f"{u:05d}.tar/{u * 10**6 + p}")
@@ -60,8 +61,10 @@ def batches(shards: int, per_shard: int, size: int, dim: int) -> list:
             cols["off"].append(0)
             cols["feat"].append(b"" if marker else feat)
             cols["nvec"].append(0 if marker else 1)
-        out.append({k: np.array(v, dtype=object if k in ("id", "note", "feat") else np.int64) for k, v in cols.items()})
-    return out
+        made.append(
+            {k: np.array(v, dtype=object if k in ("id", "note", "feat") else np.int64) for k, v in cols.items()}
+        )
+    return made
 
 
 def one_output(tmp: Path, shards: int) -> tuple:
