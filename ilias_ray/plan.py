@@ -256,7 +256,8 @@ class Group:
     (Config.parts) it belongs to."""
 
     name: str
-    sources: list  # [("tar", shard name, size)] or [("folder" | "text", items)]
+    kind: str  # the units' kind: "tar" | "folder" | "text"
+    sources: list  # one per unit: (shard name, size) for tars, the list of items for folder/text
     settings: dict
     part: Config
 
@@ -272,12 +273,12 @@ def partition_groups(part: Config) -> tuple:
             name = f"{part.hdf5_name}_distractors_{file_id:05d}{SUFFIX}"
             # A shard replaced by another of the same name must not pass for the one that was read.
             settings = dict(base, shards=shards, shard_sizes=[sizes[s] for s in shards])
-            groups.append(Group(name, [("tar", s, sizes[s]) for s in shards], settings, part))
+            groups.append(Group(name, "tar", [(s, sizes[s]) for s in shards], settings, part))
         return groups, selected
     items = _folder_items(part)
     kind = "text" if part.partition == "text_queries" else "folder"
     name = f"{part.hdf5_name}_{part.partition}{SUFFIX}"
-    return [Group(name, [(kind, items)], dict(base, rows=len(items)), part)], None
+    return [Group(name, kind, [items], dict(base, rows=len(items)), part)], None
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -311,10 +312,11 @@ def make_plan(cfg: Config) -> Plan:
         root = Location.of(g.part.dataset_dir)
         for k, source in enumerate(g.sources):
             uid = len(units)
-            if source[0] == "tar":
-                unit = Unit(uid, out.index, "tar", source[1], src=root / source[1], size=source[2])
+            if g.kind == "tar":
+                shard, size = source
+                unit = Unit(uid, out.index, "tar", shard, src=root / shard, size=size)
             else:
-                unit = Unit(uid, out.index, source[0], g.part.partition, src=root, items=source[1])
+                unit = Unit(uid, out.index, g.kind, g.part.partition, src=root, items=source)
             unit.record = records.get(k)
             units.append(unit)
             out.units.append(uid)
