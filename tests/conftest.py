@@ -99,15 +99,21 @@ def slowed(ms: int = 1000, env=None) -> dict:
     return dict(env if env is not None else os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"embed:slow={ms}")
 
 
+def kill_opts_run(sample, out) -> dict:
+    """A KILL_OPTS run over the sample's shards into `out` (a folder or a URI), in this process; its
+    summary."""
+    from ilias_ray.config import Config
+    from ilias_ray.pipeline import run
+
+    return run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(ray_cluster, sample, tmp_path_factory):
     """The file of an uninterrupted KILL_OPTS run over the sample's shards: what every interrupted,
     faulted or resumed run must reproduce."""
-    from ilias_ray.config import Config
-    from ilias_ray.pipeline import run
-
     out = tmp_path_factory.mktemp("uninterrupted")
-    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
+    kill_opts_run(sample, out)
     return out / "features_distractors_00000.hdf5"
 
 

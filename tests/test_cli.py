@@ -13,9 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_FLAGS, KILL_OPTS, slowed
-from ilias_ray.config import Config
-from ilias_ray.pipeline import run
+from conftest import KILL_FLAGS, kill_opts_run, slowed
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 
@@ -144,7 +142,7 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(
     if point != "starting":
         assert finished and (len(finished) < 3 or point == "assembling")
     capsys.readouterr()
-    s = run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
+    s = kill_opts_run(sample, out)
     said = capsys.readouterr().out
     if finished:
         assert f"resuming: {len(finished)} of 3 unit(s) already done" in said  # only the rest is read again

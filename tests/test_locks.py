@@ -12,9 +12,7 @@ import subprocess
 import sys
 import time
 
-from conftest import KILL_FLAGS, KILL_OPTS, one_line_error_and_stdout, slowed
-from ilias_ray.config import Config
-from ilias_ray.pipeline import run
+from conftest import KILL_FLAGS, kill_opts_run, one_line_error_and_stdout, slowed
 from s3 import listing, make_bucket
 
 CLI = [sys.executable, "-m", "ilias_ray", "extract"]
@@ -66,7 +64,7 @@ def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_blo
     second_run_refused(args, first, capsys)
     assert first.poll() is None  # the first run goes on
     kill(first)  # the OS drops its lock; its lock file may stay behind
-    assert run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))["written"]
+    assert kill_opts_run(sample, out)["written"]
     assert (out / uninterrupted.name).exists() and not (out / (uninterrupted.name + ".lock")).exists()
 
 
@@ -91,5 +89,5 @@ def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_bl
     said = second_run_refused(args, first, capsys)
     assert "waiting up to 6 s" in said and time.time() - t < 60  # it saw the lease renewed
     kill(first)  # its lease is not renewed any more
-    assert run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir="s3://out-lock/f", **KILL_OPTS))["written"]
+    assert kill_opts_run(sample, "s3://out-lock/f")["written"]
     assert listing("out-lock/f") == ["features_distractors_00000.hdf5"]  # the lease is gone with the run

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_FLAGS, KILL_OPTS
+from conftest import KILL_FLAGS, kill_opts_run
 from ilias_ray.config import Config, UserError
 from ilias_ray.pipeline import run
 
@@ -39,7 +39,7 @@ def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sampl
     feat = parts / "0.feat"
     feat.write_bytes(feat.read_bytes()[:-10])  # a torn write the record does not describe
     capsys.readouterr()
-    run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))  # the rerun, in this process
+    kill_opts_run(sample, out)  # the rerun, in this process
     assert "resuming: 2 of 3 unit(s) already done" in capsys.readouterr().out
     with h5py.File(out / uninterrupted.name) as a, h5py.File(uninterrupted) as b:
         assert list(a["index"].asstr()[()]) == list(b["index"].asstr()[()])
