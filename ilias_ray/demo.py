@@ -45,27 +45,24 @@ def run_demo(workdir: str, address=None) -> list:
     out = str(root / "features")
     # A sample of 80 images: one model actor per job is enough (each actor loads the model once).
     common = dict(hdf5_dir=out, address=address, resolution=RESOLUTION, batch_size=32, overwrite=True, model_actors=1)
-    runs = [
-        # One job, one model load, for the three image partitions; each still gets its own files.
-        Config(
-            dataset_dir=str(sample["core"]),
-            distractors_dir=str(sample["yfcc"]),
-            partition="image_queries,positives,distractors",
-            model=IMAGE_MODEL,
-            checkpoint=str(ckpt),
-            tar_batch_size=2,
-            **common,
-        ),
-        Config(
-            dataset_dir=str(sample["core"]),
-            partition="text_queries",
-            framework="text",
-            model=TEXT_MODEL,
-            pretrained=False,
-            **common,
-        ),
-    ]
-    image, text = runs
+    # One job, one model load, for the three image partitions; each still gets its own files.
+    image = Config(
+        dataset_dir=str(sample["core"]),
+        distractors_dir=str(sample["yfcc"]),
+        partition="image_queries,positives,distractors",
+        model=IMAGE_MODEL,
+        checkpoint=str(ckpt),
+        tar_batch_size=2,
+        **common,
+    )
+    text = Config(
+        dataset_dir=str(sample["core"]),
+        partition="text_queries",
+        framework="text",
+        model=TEXT_MODEL,
+        pretrained=False,
+        **common,
+    )
     say(f"\n== {image.partition} (one job), and {text.partition} (the text tower's job, beside it) ==")
     t0 = time.time()
     init_ray(image)  # one Ray connection for both jobs

@@ -20,6 +20,7 @@ import json
 from typing import Optional
 
 import numpy as np
+import ray
 
 from ilias_ray import faults
 from ilias_ray.config import UserError
@@ -207,8 +208,6 @@ def route(batch: dict, sinks: list) -> dict:
     """The sink stage's task (Ray Data, a task pool): the rows of output `o` go to
     `sinks[o % len(sinks)]`; it waits for the sinks it called (so a slow sink holds the stage
     back: backpressure) and returns their progress rows."""
-    import ray
-
     if len(sinks) == 1:
         calls = [sinks[0].write.remote(batch)]
     else:
