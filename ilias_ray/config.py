@@ -103,7 +103,9 @@ class Config:
         "head", "how a model's features become one vector (local: one per token)", output=True, choices=POOLINGS
     )
     batch_size: int = setting(128, "images per forward pass", run=True, minimum=1)
-    webdl_batch_size: int = setting(128, "rows per batch sent to a model actor", minimum=1)
+    webdl_batch_size: int = setting(
+        128, "rows per batch sent to a model actor: images of one shape, up to --batch_size", minimum=1
+    )
     transforms: str = setting(
         "RESIZE_LARGE", "how an image is resized to --resolution", output=True, choices=TRANSFORMS
     )
@@ -122,7 +124,12 @@ class Config:
     start_tar: int = setting(0, "first shard (distractors); a multiple of --tar_batch_size", run=True, minimum=0)
     total_tars: Optional[int] = setting(None, "shards to process (default: all remaining)", run=True, minimum=1)
     tar_batch_size: int = setting(10, "shards per distractor HDF5 file", run=True, minimum=1)
-    num_workers: int = setting(8, "concurrent decode tasks", minimum=0)
+    num_workers: int = setting(
+        0,
+        "decode tasks per model actor, at most (the reference's loader workers per GPU); 0: no cap, every CPU "
+        "that a model actor does not take may decode",
+        minimum=0,
+    )
     selected_ids: Optional[str] = setting(
         None,
         "file or URI with one ID per line (mini-ILIAS, uned); a line may have more comma-separated columns: "

@@ -18,6 +18,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ilias_ray import faults
+from ilias_ray.blocks import PACKED, per_block
 from ilias_ray.config import UserError
 from ilias_ray.models import build
 from ilias_ray.models.pooling import pool
@@ -207,6 +208,13 @@ class Embedder:
         # A failed batch is retried once here (a flaky library or device hiccup); a second failure
         # fails the job with its error. A crashed actor is restarted by Ray and its batch resent;
         # either way the sink keeps exactly one copy of each row.
+        if PACKED in batch:  # blocks kept whole between the stages (blocks.py)
+            return per_block(self.embed_block, batch)
+        return self.embed_block(batch)
+
+    def embed_block(self, batch: dict) -> dict:
+        """One block's rows (never `self(...)` from here: Ray Data runs __call__ on one thread of
+        its own, and a call back into it would wait for itself)."""
         EMBED.check(batch)
         note_batch(batch)
         try:
@@ -236,6 +244,7 @@ class Embedder:
         text_rows = np.nonzero(kinds == Kind.TEXT)[0]
         for a in range(0, len(text_rows), bs):
             rows = text_rows[a : a + bs]
+            faults.trace("forward", h=0, w=0, rows=len(rows))
             store(rows, self.embed_texts([bytes(batch["data"][i]).decode("utf-8").strip() for i in rows]))
 
         groups = defaultdict(list)
@@ -251,6 +260,7 @@ class Embedder:
                 if has_mask:
                     mask = torch.from_numpy(np.stack([batch["mask"][i] for i in sub]))
                 try:
+                    faults.trace("forward", h=h, w=w, rows=len(sub))
                     f = self.embed_pixels(torch.from_numpy(pixels), mask)
                 except torch.OutOfMemoryError:
                     if len(sub) == 1:

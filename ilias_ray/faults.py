@@ -9,8 +9,14 @@ ILIAS_RAY_FAULT="SITE:ACTION[,SITE:ACTION...]" makes `hit(SITE)` do ACTION:
   oom>N   raise torch's OutOfMemoryError when the call handles more than N images
 With ILIAS_RAY_FAULT_ONCE=PATH a fault fires once in the whole run, across processes and actor
 restarts: the first process to create PATH.SITE fires it, later ones see it and go on.
-Sites: embed (a model batch), forward (one forward pass), sink_write (a row written),
-assemble (building the final file).
+Sites: decode (one image decoded, in the decode stage), embed (a model batch), forward (one
+forward pass), sink_write (a row written), assemble (building the final file). `decode:slow=MS`
+and `forward:slow=MS` make decoding and the model cost what a real CPU and GPU would, so that a
+simulated cluster's many fake CPUs and GPUs can share this machine's few real cores.
+
+ILIAS_RAY_TRACE=DIR (also only with the test switch) makes `trace(EVENT, ...)` append one JSON
+line per decode task and per forward pass to DIR/PID.jsonl: benches and tests read from it how
+many decode tasks ran at once and how full the forward passes were (`read_trace`).
 
 The driver checks the setting once before any Ray work (`check`): a malformed value is one
 line there, not a failure in every actor; a setting without the test switch is ignored, and
@@ -25,7 +31,7 @@ import re
 import time
 from typing import Optional
 
-SITES = ("embed", "forward", "sink_write", "assemble")
+SITES = ("decode", "embed", "forward", "sink_write", "assemble")
 ACTION = re.compile(r"^(raise|exit|enospc|sleep|oom>(\d+)|slow=(\d+))$")
 
 
@@ -90,6 +96,33 @@ def hit(site: str, n: int = 0) -> None:
             import torch
 
             raise torch.OutOfMemoryError(f"injected at {site}: {n} > {limit} images")
+
+
+def tracing() -> bool:
+    return testing() and bool(os.environ.get("ILIAS_RAY_TRACE"))
+
+
+def trace(event: str, **fields) -> None:
+    """Append {"event": event, "t": now, "node": Ray node id, **fields} to this process's trace
+    file (only with ILIAS_RAY_TRACE)."""
+    if not tracing():
+        return
+    import json
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    line = json.dumps(dict(event=event, t=time.time(), node=node, **fields))
+    with open(os.path.join(os.environ["ILIAS_RAY_TRACE"], f"{os.getpid()}.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def read_trace(folder) -> list:
+    """Every event that the processes of a run wrote under `folder`, as dicts."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(ln) for p in sorted(Path(folder).glob("*.jsonl")) for ln in p.read_text().splitlines() if ln]
 
 
 def _first(site: str) -> bool:

@@ -325,40 +325,76 @@ def embedder_args(cfg: Config) -> dict:
     )
 
 
-def build_dataset(cfg: Config, plan: Plan, ray):
-    """read + decode (fused into one task: bytes are decoded where they are read) -> model actors.
+# A read task streams a shard's bytes and parses image headers (read.Grouper): little CPU next to
+# decoding, which runs in separate tasks, one per block. Booking a quarter CPU lets a paused read (its
+# blocks wait for decoders) hold little of what decoding could use.
+READ_CPUS = 0.25
+HOLD_ROWS_LOCAL = 512  # --pooling local: a row's features are a token grid, so the sink may buffer fewer
 
-    Rows leaving it carry features and bookkeeping only, never pixels or file bytes. The stages
-    get the few settings each needs (decoder, embedder_args), never the whole Config.
+
+def forward_group(cfg: Config) -> int:
+    """Rows of one shape that make a block for the model stage: one forward pass (--batch_size), or
+    --webdl_batch_size if that is smaller."""
+    return max(1, min(cfg.batch_size, cfg.webdl_batch_size))
+
+
+def grouper(cfg: Config):
+    """The read stage's Grouper factory: blocks of whole forward passes of one shape."""
+    from functools import partial
+
+    from ilias_ray.read import HOLD_ROWS, Grouper
+
+    window = HOLD_ROWS_LOCAL if cfg.pooling == "local" else HOLD_ROWS
+    return partial(Grouper, shape_of=decoder(cfg).group_key, group=forward_group(cfg), window=window)
+
+
+def decode_cap(cfg: Config, pool: Pool):
+    """At most --num_workers decode tasks per model actor (the reference's loader workers per GPU
+    process), or None: no cap, every CPU a model actor does not take may decode."""
+    return cfg.num_workers * pool.max_actors if cfg.num_workers else None
+
+
+def build_dataset(cfg: Config, plan: Plan, ray):
+    """read -> decode -> model actors.
+
+    A read task streams a unit's raw bytes in blocks of whole forward passes of one shape
+    (read.Grouper); each block is decoded by a task of its own, on any node with a free CPU
+    (preferring the node that read it), so a shard's images spread over as many CPUs as the
+    cluster has; each block reaches a model actor whole. Rows leaving it carry features and
+    bookkeeping only, never pixels or file bytes. The stages get the few settings each needs
+    (decoder, embedder_args), never the whole Config.
     """
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+    from ilias_ray.blocks import ONE_ROW_BLOCKS, decode_blocks
     from ilias_ray.embed import Embedder
-    from ilias_ray.preprocess import decode_batch
     from ilias_ray.read import IliasDatasource
 
     pool = model_pool(cfg, ray)
     # The --selected_ids keys go to the object store once; read tasks carry a reference to them.
     keys = None if plan.selected_keys is None else ray.put(plan.selected_keys)
-    source = IliasDatasource(plan.units, keys)
+    source = IliasDatasource(plan.units, keys, grouper(cfg))
     # A few hundred folder images are one read task: no point starting more actors than that.
     pool.min_actors = max(1, min(pool.min_actors, source.num_tasks()))
-    decoders = TaskPoolStrategy(size=max(1, cfg.num_workers))
-    ds = ray.data.read_datasource(
-        source, num_cpus=pool.decode_cpus, compute=decoders, override_num_blocks=source.num_tasks()
-    )
+    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=source.num_tasks())
+    ds.context.target_max_block_size = ONE_ROW_BLOCKS  # each block (one packed row) stays whole: blocks.py
+    cap = decode_cap(cfg, pool)
     ds = ds.map_batches(
-        decode_batch,
+        decode_blocks,
         fn_kwargs={"dec": decoder(cfg)},
         batch_size=None,
         batch_format="numpy",
-        compute=decoders,
+        compute=TaskPoolStrategy(size=cap) if cap else None,
         num_cpus=pool.decode_cpus,
+        scheduling_strategy="DEFAULT",  # locality first: a block is decoded where it was read if a CPU is free
     )
-    ds = ds.map_batches(
+    # One block (whole forward passes of one shape, read.Grouper) per call: batch_size=None. Ray's
+    # public map_batches refuses that with GPUs; map_batches_internal (a DeveloperAPI, what Ray's own
+    # map_groups calls for GPU actors) is the same stage without that check.
+    ds = ds.map_batches_internal(
         Embedder,
         fn_constructor_kwargs=dict(embedder_args(cfg), threads=pool.threads),
-        batch_size=cfg.webdl_batch_size,
+        batch_size=None,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         max_restarts=MODEL_ACTOR_RESTARTS,
@@ -428,6 +464,7 @@ def actor_death(e: BaseException):
 
 
 def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
+    from ilias_ray.autoscale import cap_notice
     from ilias_ray.sink import progress_batch, progress_row
 
     run = run_info(cfg)
@@ -450,6 +487,9 @@ def execute(cfg: Config, plan: Plan, locks: OutputLocks) -> dict:
             f"({pool.min_actors} to {pool.max_actors} model actor(s), {'GPU' if pool.gpu else 'CPU'}; "
             f"{len(sinks)} sink(s))"
         )
+        cap = cap_notice(cfg.model_actors, pool.gpu, pool.max_actors)
+        if cap:
+            say(cap)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 progress.update(batch)  # the driver sees progress rows only

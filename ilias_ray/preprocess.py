@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from ilias_ray import faults
 from ilias_ray.rows import DECODE, Kind
 
 BOX_CLIP = 10000
@@ -191,6 +194,15 @@ class Decoder:
         """The CenterPadding size of the transform (0 = none)."""
         return pad_target(self.transforms, self.resolution, self.min_size)
 
+    def group_key(self, data: bytes, kind: int, boxes: str):
+        """What the read stage groups a row by (read.Grouper): the shape decoding will give an
+        image (`output_shape`), one key for all texts, and None for other rows."""
+        if kind == Kind.TEXT:
+            return ("text",)
+        if kind not in (Kind.TAR_IMAGE, Kind.FILE_IMAGE):
+            return None
+        return output_shape(bytes(data), kind == Kind.FILE_IMAGE, json.loads(boxes) if boxes else None, self)
+
 
 def prepare(data: bytes, exif: bool, boxes: list, dec: Decoder):
     """Decoded, cropped and resized uint8 HWC array, plus the mask (uint8 HW or None)."""
@@ -213,6 +225,32 @@ def prepare(data: bytes, exif: bool, boxes: list, dec: Decoder):
         # Boxes are in original pixels; with --crop_resize they shift by the crop origin.
         mask = resize_mask(box_mask(img.width, img.height, boxes, origin), th, tw)
     return arr, mask
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that exif_transpose turns by 90 degrees
+
+
+def output_shape(data: bytes, exif: bool, boxes, dec: Decoder):
+    """(height, width, masked) of what `prepare` will make of these bytes, read from the image's
+    header alone (Image.open decodes no pixels), or None when the header does not tell. The read
+    stage groups rows by it so that the model stage gets whole batches of one shape: a hint, never
+    a promise (the model stage groups by the decoded shape itself)."""
+    try:
+        img = open_image(data)
+        w, h = img.size
+        if exif and img.getexif().get(EXIF_ORIENTATION) in TRANSPOSED:
+            w, h = h, w
+        if boxes and dec.crop_resize:
+            x0, y0, x1, y1 = box_union(boxes)
+            w, h = x1 - x0, y1 - y0
+        if dec.transforms in ("RESIZE_CENTER", "RESIZE_SQUARE"):
+            tw = th = dec.resolution
+        else:
+            tw, th = transform_sizes(w, h, dec.transforms, dec.resolution)
+    except Exception:  # noqa: BLE001 - a bad header is the decode stage's to record, not ours
+        return None
+    return th, tw, bool(boxes and dec.masking)
 
 
 def object_column(items: list) -> np.ndarray:
@@ -242,6 +280,7 @@ def decode_batch(batch: dict, dec: Decoder) -> dict:
     """Ray Data map_batches function: image rows -> IMAGE (pixels) or SKIP (reason); text rows
     pass on as they are, or become SKIP rows if they are not valid UTF-8 or too large."""
     DECODE.check(batch)
+    t0 = time.time()
     n = len(batch["seq"])
     kinds = batch["kind"].copy()
     notes = list(batch["note"])
@@ -262,6 +301,7 @@ def decode_batch(batch: dict, dec: Decoder) -> dict:
         if k not in (Kind.TAR_IMAGE, Kind.FILE_IMAGE):
             continue
         boxes = json.loads(batch["boxes"][i]) if batch["boxes"][i] else None
+        faults.hit("decode")  # tests: ILIAS_RAY_FAULT=decode:slow=MS, per image
         try:
             arr, m = prepare(data[i], k == Kind.FILE_IMAGE, boxes, dec)
         except Exception as e:  # any decode failure is recorded, not raised
@@ -273,6 +313,7 @@ def decode_batch(batch: dict, dec: Decoder) -> dict:
             if m is not None:
                 mask[i] = m
         data[i] = b""  # the raw bytes stop here
+    faults.trace("decode", t0=t0, t1=time.time(), rows=n, pid=os.getpid())
     return {
         "seq": batch["seq"],
         "out": batch["out"],

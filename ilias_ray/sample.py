@@ -350,3 +350,37 @@ def build_yfcc_like(root, n_images: int = 2000, per_shard: int = 500, seed: int 
                 _add_member(tar, f"{key}.json", json.dumps({"key": key}).encode("utf-8"))
         paths.append(path)
     return paths
+
+
+# Flickr's common aspect ratios (width:height); a shard of `build_flickr_mix` has 92% of these and a
+# tail of any ratio between 1:3 and 3:1, as YFCC100M's photos roughly do.
+FLICKR_RATIOS = ((4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (1, 1), (5, 4), (4, 5))
+FLICKR_TAIL = 0.08
+
+
+def flickr_size(rng: np.random.RandomState, long_side: int) -> tuple:
+    """(width, height) of one Flickr-like photo whose longer side is `long_side`."""
+    if rng.rand() < FLICKR_TAIL:
+        r = float(np.exp(rng.uniform(np.log(1 / 3), np.log(3))))
+    else:
+        w, h = FLICKR_RATIOS[int(rng.randint(len(FLICKR_RATIOS)))]
+        r = w / h
+    return (long_side, max(1, round(long_side / r))) if r >= 1 else (max(1, round(long_side * r)), long_side)
+
+
+def build_flickr_mix(root, n_images: int, per_shard: int, long_side: int = 160, seed: int = 0) -> list:
+    """Shards of small JPEGs with Flickr's mix of shapes (`flickr_size`), cheap to make and to
+    decode: for measuring forward passes and decode concurrency, not features. Returns the paths."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    paths = []
+    for s in range(-(-n_images // per_shard)):
+        path = root / f"{s:05d}.tar"
+        with tarfile.open(path, "w", format=_TAR_FORMAT) as tar:
+            for j in range(min(per_shard, n_images - s * per_shard)):
+                w, h = flickr_size(rng, long_side)
+                color = tuple(int(c) for c in rng.randint(0, 256, 3))
+                _add_member(tar, f"{s * 1000000 + j:d}.jpg", _jpeg_bytes(Image.new("RGB", (w, h), color), 85))
+        paths.append(path)
+    return paths

@@ -23,6 +23,7 @@ import numpy as np
 import ray
 
 from ilias_ray import faults
+from ilias_ray.blocks import PACKED, concat, unpack
 from ilias_ray.config import UserError
 from ilias_ray.hdf5_out import OutputSpec, RunInfo, assemble
 from ilias_ray.parts import PartWriter
@@ -207,7 +208,9 @@ class Sink:
 def route(batch: dict, sinks: list) -> dict:
     """The sink stage's task (Ray Data, a task pool): the rows of output `o` go to
     `sinks[o % len(sinks)]`; it waits for the sinks it called (so a slow sink holds the stage
-    back: backpressure) and returns their progress rows."""
+    back: backpressure) and returns their progress rows. Takes packed blocks (blocks.py) or plain rows."""
+    if PACKED in batch:
+        batch = concat(unpack(batch))
     if len(sinks) == 1:
         calls = [sinks[0].write.remote(batch)]
     else:

@@ -1,15 +1,21 @@
 """The cloud files agree with each other and with the pins: Dockerfile, .dockerignore, cluster.yaml
-(AWS, S3, instance profiles) and jobs/rayjob.yaml (GKE, GCS, workload identity). Text and YAML only:
-no network, no Docker, no Ray."""
+(AWS, S3, instance profiles) and jobs/rayjob.yaml (GKE, GCS, workload identity); their job commands
+take only the job's flags, and the GPUs and decode CPUs their comments and the README state are what
+their node types give. Text and YAML only: no network, no Docker, no Ray."""
 
 from __future__ import annotations
 
+import ast
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
+
+from ilias_ray.cli import build_parser, config_from_args
+from ilias_ray.config import Config
 
 try:
     import tomllib
@@ -320,6 +326,228 @@ def test_readme_commands_keep_token_auth():
                     assert exported or "RAY_AUTH_MODE=token" in m.group(1).split(), line
                     checked += 1
     assert checked >= 5, checked  # the head node's and the cloud's commands
+
+
+# --- how far a run grows: GPUs (model actors) and decode CPUs -----------------------------------------------
+
+ACTOR_CPUS = 1  # a GPU model actor takes its GPU and 1 CPU; every other CPU of a worker decodes
+# The one machine-readable statement of each cluster file's capacity, in its header:
+CAPACITY_LINE = re.compile(r"(?m)^#\s*capacity: (\d+) GPUs \(model actors\), (\d+) decode CPUs\s*$")
+# ... and the README's ("at most 32 GPUs (model actors) and 352 decode CPUs"):
+CAPACITY_PROSE = re.compile(r"(\d+) GPUs \(model actors\)(?:,| and) (\d+) decode CPUs")
+# cluster.yaml writes down the vCPUs (and GPUs) it assumes of an instance type beside its resources:
+# `resources: {CPU: 4, GPU: 1}   # g5.xlarge: 4 vCPUs, 1 GPU (NVIDIA A10G)`
+ASSUMED = re.compile(r"(?m)^\s*resources:\s*\{[^}]*\}\s*#\s*([\w.-]+): (\d+) vCPUs(?:, (\d+) GPUs?\b)?")
+
+
+def aws_workers(c: dict) -> dict:
+    return {name: t for name, t in c["available_node_types"].items() if name != c["head_node_type"]}
+
+
+def aws_capacity(c: dict) -> tuple:
+    """(GPUs, decode CPUs) of cluster.yaml at its largest: each worker type at max_workers."""
+    gpus = decode = 0
+    for t in aws_workers(c).values():
+        res = t["resources"]
+        gpus += t["max_workers"] * res.get("GPU", 0)
+        decode += t["max_workers"] * (res["CPU"] - ACTOR_CPUS * res.get("GPU", 0))
+    return gpus, decode
+
+
+def quantity(q) -> int:
+    """A Kubernetes CPU or GPU quantity ("8", 8, "8000m") as a whole number."""
+    q = str(q)
+    n = int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+    assert n == int(n), q  # Ray counts whole CPUs
+    return int(n)
+
+
+def kuberay_group_resources(group: dict) -> tuple:
+    """(CPUs, GPUs) Ray sees on a pod of the group: rayStartParams, else the Ray container's limits."""
+    params = group.get("rayStartParams") or {}
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]  # KubeRay's Ray container: first
+    return quantity(params.get("num-cpus", limits["cpu"])), quantity(
+        params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+    )
+
+
+def kuberay_capacity(job: dict) -> tuple:
+    """(GPUs, decode CPUs) of jobs/rayjob.yaml at its largest: each worker group at maxReplicas."""
+    gpus = decode = 0
+    for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        cpus, group_gpus = kuberay_group_resources(g)
+        gpus += g["maxReplicas"] * group_gpus
+        decode += g["maxReplicas"] * (cpus - ACTOR_CPUS * group_gpus)
+    return gpus, decode
+
+
+def capacity(name: str) -> tuple:
+    return aws_capacity(cluster()) if name == "cluster.yaml" else kuberay_capacity(rayjob())
+
+
+def joined(lines) -> list:
+    """Shell lines with their backslash continuations joined."""
+    out, cur = [], ""
+    for line in lines:
+        if line.rstrip().endswith("\\"):
+            cur += line.rstrip()[:-1] + " "
+        else:
+            out.append(cur + line)
+            cur = ""
+    return out + ([cur] if cur else [])
+
+
+def readme_section(title: str) -> str:
+    """The README's `### <title>...` section, up to the next heading of level 2 or 3."""
+    found = [s for s in re.split(r"(?m)^#{2,3} ", text("README.md")) if s.startswith(title)]
+    assert len(found) == 1, title
+    return found[0]
+
+
+# Where a command starting jobs/extract_model.py on a cloud cluster is shown: the cluster file it runs on.
+JOB_COMMANDS = {"cluster.yaml": "cluster.yaml", "README, AWS": "cluster.yaml", "jobs/rayjob.yaml": "jobs/rayjob.yaml"}
+
+
+def job_command(where: str) -> str:
+    """The one job command shown in `where` (a header comment, the README's AWS recipe, the RayJob)."""
+    if where == "jobs/rayjob.yaml":
+        return rayjob()["spec"]["entrypoint"]
+    if where == "cluster.yaml":
+        lines = [line[1:] for line in text("cluster.yaml").splitlines() if line.startswith("#")]
+    else:
+        blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme_section("AWS:"), re.S)
+        lines = [line for b in blocks for line in b.splitlines()]
+    found = [c for c in joined(lines) if "extract_model.py" in c]
+    assert len(found) == 1, (where, found)
+    return found[0]
+
+
+def job_flags(command: str) -> dict:
+    """{flag: value} of the jobs/extract_model.py part of a command line (every flag there takes a value)."""
+    tokens = shlex.split(command, comments=True)
+    argv = tokens[next(i for i, t in enumerate(tokens) if t.endswith("jobs/extract_model.py")) + 1 :]
+    flags, k = {}, 0
+    while k < len(argv):
+        assert argv[k].startswith("--"), (argv[k], command)
+        if "=" in argv[k]:
+            name, value = argv[k][2:].split("=", 1)
+            k += 1
+        else:
+            name, value = argv[k][2:], argv[k + 1]
+            k += 2
+        assert name not in flags, (name, command)
+        flags[name] = value
+    return flags
+
+
+def extract_model_flags() -> set:
+    """The flags jobs/extract_model.py declares itself (read from its source: importing it loads torch);
+    it passes any other flag to each `ilias-ray extract` it runs."""
+    return {
+        node.args[0].value[2:]
+        for node in ast.walk(ast.parse(text("jobs/extract_model.py")))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", None) == "add_argument"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and str(node.args[0].value).startswith("--")
+    }
+
+
+@pytest.mark.parametrize("where", JOB_COMMANDS)
+def test_job_commands_take_only_flags_the_job_and_ilias_ray_extract_know(where):
+    flags = job_flags(job_command(where))
+    own = extract_model_flags()
+    assert {"core", "hdf5_dir", "model"} <= own, own  # read the script's flags at all
+    extract = {f.name for f in Config.flags()}
+    assert set(flags) <= own | extract, (where, set(flags) - own - extract)
+    # The rest reaches `ilias-ray extract`, whose parser (made from Config) takes them and their values.
+    passed = [x for name, value in flags.items() if name not in own for x in (f"--{name}", value)]
+    args = build_parser().parse_args(
+        ["extract", "--dataset_dir", flags["core"], "--hdf5_dir", flags["hdf5_dir"], *passed]
+    )
+    cfg = config_from_args(args)
+    assert cfg.use_gpu is True, where  # GPU actors (and the request for GPUs) before any GPU node is up
+    # Decoding: the default (no cap; N would cap it at N per model actor) is what a growing cluster needs.
+    assert "num_workers" not in flags, where
+    assert cfg.num_workers == Config.default("num_workers")
+
+
+@pytest.mark.parametrize("where", JOB_COMMANDS)
+def test_model_actors_is_the_gpu_workers_maximum(where):
+    """Ray Data asks the autoscaler for up to --model_actors GPUs: more than the cluster can start would never be
+    granted, fewer would leave GPU nodes idle."""
+    name = JOB_COMMANDS[where]
+    gpus, _ = capacity(name)
+    assert gpus >= 1, name
+    assert int(job_flags(job_command(where))["model_actors"]) == gpus, (where, name, gpus)
+
+
+def test_the_readme_shows_the_job_command_of_cluster_yaml():
+    assert job_flags(job_command("README, AWS")) == job_flags(job_command("cluster.yaml"))
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "jobs/rayjob.yaml"])
+def test_stated_capacity_is_what_the_node_types_give(name):
+    stated = CAPACITY_LINE.findall(text(name))
+    assert len(stated) == 1, (name, stated)
+    assert tuple(int(x) for x in stated[0]) == capacity(name), (name, stated[0], capacity(name))
+
+
+@pytest.mark.parametrize("title, name", [("AWS:", "cluster.yaml"), ("GKE:", "jobs/rayjob.yaml")])
+def test_readme_states_the_capacity_of_each_cluster_file(title, name):
+    stated = {tuple(int(x) for x in m) for m in CAPACITY_PROSE.findall(readme_section(title))}
+    assert stated == {capacity(name)}, (title, name, stated, capacity(name))
+
+
+def test_capacity_checks_read_their_numbers():
+    assert CAPACITY_LINE.findall("# capacity: 32 GPUs (model actors), 352 decode CPUs\n") == [("32", "352")]
+    assert CAPACITY_PROSE.findall("at most 16 GPUs (model actors) and 112 decode CPUs.") == [("16", "112")]
+    c = {
+        "head_node_type": "h",
+        "available_node_types": {
+            "h": {"resources": {"CPU": 0}},
+            "g": {"max_workers": 3, "resources": {"CPU": 8, "GPU": 2}},
+            "c": {"max_workers": 2, "resources": {"CPU": 16}},
+        },
+    }
+    assert aws_capacity(c) == (6, 3 * (8 - 2) + 2 * 16)
+    group = {"maxReplicas": 4, "rayStartParams": {}, "template": {"spec": {"containers": [{"resources": {}}]}}}
+    group["template"]["spec"]["containers"][0]["resources"]["limits"] = {"cpu": "8000m", "nvidia.com/gpu": 1}
+    assert kuberay_capacity({"spec": {"rayClusterSpec": {"workerGroupSpecs": [group]}}}) == (4, 28)
+    assert job_flags("ray job submit -- python jobs/extract_model.py --a 1 --b=x  # c") == {"a": "1", "b": "x"}
+
+
+def test_aws_node_types_declare_the_resources_of_their_instance_types():
+    """Explicit resources are what the autoscaler plans with and what each worker's `ray start` advertises
+    (RAY_OVERRIDE_RESOURCES); the comment beside each says what the instance type has."""
+    c = cluster()
+    head = c["available_node_types"][c["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the driver and the sinks only
+    assumed = {m.group(1): (int(m.group(2)), int(m.group(3) or 0)) for m in ASSUMED.finditer(text("cluster.yaml"))}
+    for name, t in aws_workers(c).items():
+        res, itype = t["resources"], t["node_config"]["InstanceType"]
+        assert set(res) <= {"CPU", "GPU"} and "CPU" in res, (name, res)
+        assert assumed.get(itype) == (res["CPU"], res.get("GPU", 0)), (name, itype, res, assumed)
+        assert res["CPU"] > ACTOR_CPUS * res.get("GPU", 0), (name, res)  # room to decode beside the actors
+        assert t["min_workers"] == 0, name
+    assert any(t["resources"].get("GPU") for t in aws_workers(c).values())
+    # The cluster's own cap lets every worker type reach its maximum, so the capacity is reachable.
+    assert sum(t["max_workers"] for t in aws_workers(c).values()) <= c["max_workers"]
+
+
+def test_kuberay_groups_give_ray_what_their_pods_get():
+    spec = rayjob()["spec"]["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is True  # what Ray Data's resource requests talk to
+    assert str(spec["headGroupSpec"]["rayStartParams"]["num-cpus"]) == "0"  # the driver and the sinks only
+    for g in spec["workerGroupSpecs"]:
+        container = g["template"]["spec"]["containers"][0]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        for key in ("cpu", "nvidia.com/gpu"):  # the pod is given what Ray counts
+            assert quantity(requests.get(key, 0)) == quantity(limits.get(key, 0)), (g["groupName"], key)
+        cpus, gpus = kuberay_group_resources(g)
+        assert cpus > ACTOR_CPUS * gpus, g["groupName"]
+        assert g.get("minReplicas", 0) == 0 and g["maxReplicas"] >= 1, g["groupName"]
 
 
 # --- no credentials anywhere ---------------------------------------------------------------------------------

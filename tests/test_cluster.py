@@ -78,9 +78,11 @@ def test_job_commands_follow_the_reference_run():
     assert rows and all(r["framework"] == "fb" for r in rows)
 
 
-def test_bytes_stay_where_they_are_read(ray_cluster, sample, tmp_path, capsys, monkeypatch):
-    """Reading and decoding fuse into one task; the model stage emits no pixels; the driver sees
-    only the sink's progress rows."""
+def test_decoding_is_its_own_stage_and_blocks_stay_whole(ray_cluster, sample, tmp_path, capsys, monkeypatch):
+    """Reading and decoding are separate tasks, so a shard's blocks are decoded by as many tasks as
+    the cluster has CPUs for; blocks travel as one packed row each (blocks.py), whole; the model
+    stage emits no pixels; the driver sees only the sink's progress rows."""
+    from ilias_ray.blocks import PACKED, unpack
     from ilias_ray.config import Config
     from ilias_ray.pipeline import build_dataset, run
     from ilias_ray.plan import make_plan
@@ -94,12 +96,15 @@ def test_bytes_stay_where_they_are_read(ray_cluster, sample, tmp_path, capsys, m
         resolution=64,
     ).validate()
     ds, _ = build_dataset(cfg, make_plan(cfg), ray_cluster)
-    batch = ds.take_batch(5, batch_format="numpy")
-    assert set(batch) == {"seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec"}
+    batch = ds.take_batch(2, batch_format="numpy")  # two blocks: the sample's shards make a few each
+    assert set(batch) == {PACKED} and len(batch[PACKED]) == 2
+    assert all(
+        set(b) == {"seq", "out", "unit", "pos", "id", "kind", "note", "off", "feat", "nvec"} for b in unpack(batch)
+    )
     monkeypatch.setenv("ILIAS_RAY_STATS", "1")
     run(cfg)
     out = capsys.readouterr().out
-    assert "ReadIlias->MapBatches(decode_batch)" in out  # one operator: no raw bytes between nodes
+    assert "ReadIlias" in out and "MapBatches(decode_blocks)" in out and "ReadIlias->" not in out  # not fused
     assert "MapBatches(route)" in out  # the sink stage: tasks that hand rows to the sink actors
 
 

@@ -108,3 +108,39 @@ def test_help_says_only_the_first_column_is_the_id(capsys):
         pass
     text = " ".join(capsys.readouterr().out.split())
     assert "only the first one is the ID" in text and "comma-separated" in text
+
+
+def test_decode_slow_sleeps_per_image_and_trace_records_each_task(sample, tmp_path, monkeypatch):
+    """`decode:slow=MS` costs MS per image decoded, in the decode stage, only with the test switch;
+    ILIAS_RAY_TRACE records each decode task (start, end, rows) and each forward pass."""
+    import time
+
+    import pyarrow as pa
+
+    from ilias_ray import faults
+    from ilias_ray.plan import Unit
+    from ilias_ray.preprocess import Decoder, decode_batch
+    from ilias_ray.read import read_tar
+    from ilias_ray.rows import Kind
+    from ilias_ray.storage import Location
+
+    path = sample["yfcc"] / "00000.tar"
+    unit = Unit(uid=0, out=0, kind="tar", name=path.name, src=Location.of(str(path)), size=path.stat().st_size)
+    table = pa.concat_tables(list(read_tar(unit, None)))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    images = int((batch["kind"] == Kind.TAR_IMAGE).sum())
+    dec = Decoder("RESIZE_LARGE", 64, 0, False, False)
+    monkeypatch.setenv("ILIAS_RAY_FAULT", "decode:slow=100")
+    monkeypatch.setenv("ILIAS_RAY_TRACE", str(tmp_path))
+    for switch, lo, hi in ((None, 0, 0.05 * images), ("1", 0.1 * images, 0.1 * images + 1.5)):
+        if switch:
+            monkeypatch.setenv("ILIAS_RAY_TESTING", switch)
+        else:
+            monkeypatch.delenv("ILIAS_RAY_TESTING", raising=False)
+        t = time.monotonic()
+        decode_batch(batch, dec)
+        assert lo <= time.monotonic() - t < hi
+    (event,) = faults.read_trace(tmp_path)  # inert without the switch: one task traced, the second
+    assert (
+        event["event"] == "decode" and event["rows"] == len(batch["seq"]) and event["t1"] - event["t0"] >= 0.1 * images
+    )
