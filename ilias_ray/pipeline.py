@@ -329,6 +329,15 @@ def embedder_args(cfg: Config) -> dict:
 # decoding, which runs in separate tasks, one per block. Booking a quarter CPU lets a paused read (its
 # blocks wait for decoders) hold little of what decoding could use.
 READ_CPUS = 0.25
+# Read tasks at once: one per DECODES_PER_READ decode slots, at least READS_MIN and one per model
+# actor (an autoscaled GPU node then has a reader of its own). A read streams at the storage's
+# speed (hundreds of images/s) and decoding takes a CPU-second per 100-200 images, so one reader
+# feeds several decoders. Without a cap, Ray Data started one read per shard and reserved a quarter
+# of its half-of-the-cluster reservation for them: 32 shards on 4 x 8 CPUs held 32 worker processes
+# and 4 CPUs, which held decoding at 24 of 28 CPUs while the reads lasted, and made Ray start 28
+# more worker processes for decoding (tests/scripts/decode_spread.py).
+DECODES_PER_READ = 8
+READS_MIN = 4
 HOLD_ROWS_LOCAL = 512  # --pooling local: a row's features are a token grid, so the sink may buffer fewer
 
 
@@ -354,6 +363,28 @@ def decode_cap(cfg: Config, pool: Pool):
     return cfg.num_workers * pool.max_actors if cfg.num_workers else None
 
 
+def read_concurrency(cfg: Config, pool: Pool, cpus: float, units: int) -> int:
+    """Read tasks at once: what decoding can take (the cluster's CPUs now, less the model actors',
+    or the --num_workers cap), one reader per DECODES_PER_READ of it, at least READS_MIN and one
+    per model actor; never more than there are units to read."""
+    actor_cpus = pool.max_actors * (1.0 if pool.gpu else pool.actor_res.get("num_cpus", 0))
+    slots = max(1.0, cpus - actor_cpus) / pool.decode_cpus
+    cap = decode_cap(cfg, pool)
+    if cap:
+        slots = min(slots, cap)
+    want = max(READS_MIN, -(-int(slots) // DECODES_PER_READ), pool.max_actors if pool.gpu else 0)
+    return max(1, min(want, units))
+
+
+def fewest_blocks(units: list, group: int) -> int:
+    """The fewest blocks the model stage gets from these units (blocks of at most `group` rows): no
+    point starting more model actors than that. A tar's images are counted only once read: it may
+    make any number (a YFCC shard holds 100,000), so a run with tars has no such bound."""
+    if any(u.count is None for u in units):
+        return 1 << 30
+    return sum(-(-u.count // group) for u in units)
+
+
 def build_dataset(cfg: Config, plan: Plan, ray):
     """read -> decode -> model actors.
 
@@ -374,9 +405,9 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     # The --selected_ids keys go to the object store once; read tasks carry a reference to them.
     keys = None if plan.selected_keys is None else ray.put(plan.selected_keys)
     source = IliasDatasource(plan.units, keys, grouper(cfg))
-    # A few hundred folder images are one read task: no point starting more actors than that.
-    pool.min_actors = max(1, min(pool.min_actors, source.num_tasks()))
-    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=source.num_tasks())
+    pool.min_actors = max(1, min(pool.min_actors, fewest_blocks(source.todo(), forward_group(cfg))))
+    reads = read_concurrency(cfg, pool, ray.cluster_resources().get("CPU", 1), source.num_tasks())
+    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=source.num_tasks(), concurrency=reads)
     ds.context.target_max_block_size = ONE_ROW_BLOCKS  # each block (one packed row) stays whole: blocks.py
     cap = decode_cap(cfg, pool)
     ds = ds.map_batches(

@@ -242,7 +242,7 @@ def test_ray_job_submit_runs_a_whole_model_job(head_node, sample, tmp_path):
         assert f["features"].shape[0] == len(sample["distractor_keys"]) - len(sample["corrupt_ids"])
 
 
-def test_pool_size_and_no_progress_timeout(ray_cluster):
+def test_pool_size_read_concurrency_and_no_progress_timeout(ray_cluster):
     from types import SimpleNamespace
 
     from ilias_ray.config import Config
@@ -263,6 +263,29 @@ def test_pool_size_and_no_progress_timeout(ray_cluster):
     assert model_pool(Config(dataset_dir=".", hdf5_dir=".", use_gpu=True, model_actors=32), cpu_only) == Pool(
         True, 32, 1, {"num_gpus": 1}, 1.0, 0
     )
+    # Read tasks at once: one per 8 decode slots, at least 4 and one per model actor, at most one per unit.
+    from ilias_ray.pipeline import read_concurrency
+
+    static = SimpleNamespace(cluster_resources=lambda: {"CPU": 32, "GPU": 4})  # 4 nodes x 8 CPUs x 1 GPU
+    assert read_concurrency(cfg, model_pool(cfg, static), 32, units=32) == 4  # 28 decode slots
+    assert read_concurrency(cfg, model_pool(cfg, gpus), 64, units=1000) == 8  # 56 slots; 8 actors
+    assert read_concurrency(cfg, model_pool(cfg, gpus), 64, units=3) == 3
+    autoscaling = Config(dataset_dir=".", hdf5_dir=".", use_gpu=True, model_actors=32)
+    assert read_concurrency(autoscaling, model_pool(autoscaling, cpu_only), 16, units=1000) == 32
+    assert read_concurrency(cfg, model_pool(cfg, cpu_only), 16, units=1000) == 4  # 16 half-CPU slots
+    big = SimpleNamespace(cluster_resources=lambda: {"CPU": 352, "GPU": 32})  # cluster.yaml, grown
+    assert read_concurrency(cfg, model_pool(cfg, big), 352, units=1000) == 40  # 320 slots
+    capped = Config(dataset_dir=".", hdf5_dir=".", num_workers=2)  # 2 decode tasks per model actor
+    assert read_concurrency(capped, model_pool(capped, big), 352, units=1000) == 32  # 64 slots; 32 actors
+    # The pool starts no more actors than the fewest blocks the run makes: a folder of 300 images makes
+    # at least 3 blocks of 128; a tar shard's images are known only once read (a YFCC shard: 100,000).
+    from ilias_ray.pipeline import fewest_blocks
+    from ilias_ray.plan import Unit
+
+    folder = Unit(uid=0, out=0, kind="folder", name="positives", items=[("a", "a.jpg", None)] * 300)
+    tar = Unit(uid=1, out=1, kind="tar", name="00000.tar", size=1 << 30)
+    assert fewest_blocks([folder], 128) == 3 and fewest_blocks([folder, folder], 16) == 38
+    assert fewest_blocks([folder, tar], 128) >= 1 << 20
     init_ray(cfg)
     # Waiting minutes for autoscaled GPU nodes must not count as "no progress" (default: 30 min).
     assert ray_cluster.data.DataContext.get_current().execution_no_progress_timeout_s >= 6 * 3600

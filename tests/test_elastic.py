@@ -55,8 +55,8 @@ def test_decoding_uses_every_free_cpu_for_many_shards_and_for_few(tmp_path):
     """On a static cluster of 4 nodes x 8 CPUs x 1 GPU, decoding emulated at 100 ms per image, with
     32 shards and with 4: each block is a decode task (not each shard), on every node, and at the peak
     at least 0.7 x 28 of them run at once (32 CPUs less one per model actor): no global cap. The
-    averages (issue 19, item 3) are measured in bench/cluster.py, not here: on two real cores, a run's
-    start weighs on them (tests/scripts/decode_spread.py)."""
+    averages (issue 19, item 3) are in the script's report, not asserted: on two real cores they
+    depend on what else the machine runs (tests/scripts/decode_spread.py)."""
     trace = tmp_path / "trace"
     trace.mkdir()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="decode:slow=100")
@@ -68,8 +68,8 @@ def test_decoding_uses_every_free_cpu_for_many_shards_and_for_few(tmp_path):
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("REPORT ")]
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads(lines[0][len("REPORT ") :])
-    for case, rows in (("many", 3200), ("few", 1600)):
+    for case, rows in (("many", 6400), ("few", 3200)):
         r = report[case]
         assert r["rows"] == rows and r["decode_nodes"] == 4, (case, r)
-        assert r["decode_tasks"] >= rows // 16, (case, r)  # one task per 16-image block, not one per shard
+        assert r["decode_tasks"] >= rows // 32, (case, r)  # one task per 32-image block, not one per shard
         assert r["peak"] >= 0.7 * 28, (case, r)
