@@ -7,7 +7,8 @@
 # No credentials go into the image: nodes and pods get them from instance profiles / workload identity.
 FROM rayproject/ray:2.60.0-py311-gpu
 
-# Dependencies first, exactly as pinned (this layer is rebuilt only when requirements.txt changes).
+# Dependencies first, exactly as pinned (this layer is rebuilt only when requirements.txt changes). The runtime's
+# only: not scikit-image, which only `ilias-ray demo`'s sample photos need (pyproject's `demo` extra).
 COPY --chown=ray:users requirements.txt /home/ray/ilias-ray/requirements.txt
 RUN pip install --no-cache-dir -r /home/ray/ilias-ray/requirements.txt
 
@@ -15,4 +16,4 @@ RUN pip install --no-cache-dir -r /home/ray/ilias-ray/requirements.txt
 # without touching the pinned dependencies; `ilias-ray` is on PATH.
 COPY --chown=ray:users . /home/ray/ilias-ray
 RUN pip install --no-cache-dir --no-deps /home/ray/ilias-ray \
-    && python -c "import ilias_ray.cli, ray, torch; print('ilias-ray image: ray', ray.__version__, 'torch', torch.__version__)"
+    && python -c "import ilias_ray.cli.main, ray, torch; print('ilias-ray image: ray', ray.__version__, 'torch', torch.__version__)"

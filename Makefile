@@ -21,11 +21,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# The quick tier for fast edits (under 2 minutes): the math, config, plan, rows, sink, parts and
-# output modules, the packaging pins, and one small end-to-end run on a real local Ray cluster.
-CHECK_TESTS := tests/test_config.py tests/test_plan.py tests/test_preprocess.py tests/test_embed.py \
-	tests/test_rows.py tests/test_sink.py tests/test_parts.py tests/test_hdf5_out.py tests/test_read.py \
-	tests/test_packaging.py "tests/test_extract.py::test_text_queries"
+# The quick tier for fast edits (under 60 s): the unit tests of every layer below the job (errors,
+# config, plan types, storage, output, plan, the stages), the job's sizing and arguments, the flags,
+# the repository's own checks (layers, pins, cloud files), and one small run on a real local Ray
+# cluster (the text queries). `make test` runs everything, e2e/ included.
+CHECK_TESTS := tests/test_errors.py tests/test_config.py tests/test_plan_types.py tests/storage tests/plan \
+	tests/output/test_schema.py tests/output/test_parts.py tests/output/test_assemble.py \
+	tests/stages/test_rows.py tests/stages/test_blocks.py tests/stages/test_sink.py tests/stages/test_decode.py \
+	tests/stages/test_embed.py tests/job/test_sizing.py tests/job/test_stage_args.py tests/job/test_progress.py \
+	tests/cli/test_flags.py tests/cli/test_sweep.py tests/project "tests/job/test_run.py::test_text_queries"
+
 check: $(STAMP)
 	$(BIN)/python -m pytest -q $(CHECK_TESTS)
 

@@ -21,14 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+from measure import report
 
-from report import report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def demo_once(code: Path, workdir: Path) -> tuple:
     """(wall seconds, the demo's own extraction seconds) of one demo run of the code in `code`."""
+    # On purpose: `code` may be another commit's checkout (--before), which the venv's editable install
+    # of this checkout does not point at. PYTHONPATH comes before site-packages on sys.path, so the
+    # demo's process (and the Ray workers it starts, which inherit it) import `code`'s ilias_ray.
     env = dict(os.environ, PYTHONPATH=str(code))
     t0 = time.perf_counter()
     p = subprocess.run(

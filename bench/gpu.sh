@@ -17,8 +17,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# $PWD: Ray's workers import ilias_ray from this checkout. A throwaway single-user cluster: token
-# auth off, as the README's laptop opt-out.
+# PYTHONPATH=$PWD on purpose: this script also runs where the project is not pip-installed (a lent GPU
+# machine gets a copy of the checkout and the wheels above, not the venv and its editable install), so
+# the benches, which import the installed package and edit no sys.path, and Ray's workers (which
+# inherit PYTHONPATH) import ilias_ray from this checkout. Where `make` installed it, this changes
+# nothing: the same checkout. A throwaway single-user cluster: token auth off, as the README's laptop
+# opt-out.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 
 # 1. Preflight, before any of the lent minutes go to the benchmark: every import the job needs,
@@ -27,7 +31,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_AUTH_MODE=disabled PYTHO
 import importlib, sys, time
 t = time.time()
 versions = {}
-for name in ("torch", "torchvision", "timm", "open_clip", "h5py", "PIL", "pyarrow", "ray", "ray.data", "ilias_ray.pipeline"):
+for name in ("torch", "torchvision", "timm", "open_clip", "h5py", "PIL", "pyarrow", "ray", "ray.data", "ilias_ray.job.run"):
     try:
         versions[name] = getattr(importlib.import_module(name), "__version__", "ok")
     except Exception as e:  # noqa: BLE001 - say which one, then stop
@@ -48,7 +52,7 @@ PY
 
 # 2. The check.
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-"$py" bench/bench.py --model vit_large_patch16_siglip_384.webli --resolution 512 --images 8000 \
+"$py" bench/throughput.py --model vit_large_patch16_siglip_384.webli --resolution 512 --images 8000 \
   --per_shard 1000 --batch_size 128 --skip_reference --workdir /tmp/ilias_ray_bench --json "$out/gpu_bench.json"
 "$py" - "$out/gpu_bench.json" <<'PY'
 import json, sys

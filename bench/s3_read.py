@@ -1,11 +1,11 @@
 """Read floors of the real read stage (`read_tar`), from a local directory and from a local S3
-server (moto's), on the same shards, measured in one run (bench.py --s3).
+server (moto's), on the same shards, measured in one run (throughput.py --s3).
 
 The server runs as its own process (pyarrow's S3 client holds the GIL in places, which deadlocks
 against a server thread in the same process). The measurements run in persistent worker processes
 (this file run as a script) that read the shards they are sent, as Ray read tasks do: one process
 reading every shard in turn, and one process per core each reading a disjoint subset. A worker
-counts sample rows (not the MARKER row of each shard); with `decode` it also turns each table into
+counts sample rows (not the END row of each shard); with `decode` it also turns each table into
 the numpy batch Ray Data hands `decode_batch` (read and decode are fused in one task in the
 pipeline) and decodes it.
 """
@@ -20,20 +20,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from ilias_ray.storage import CHUNK  # noqa: E402
-from s3 import free_port, make_bucket, s3, start_moto  # noqa: E402, F401 - bench.py starts the server with these
-from s3 import upload as copy_up  # noqa: E402
+from ilias_ray.storage.ranged import CHUNK
+from ilias_ray.testing.s3 import free_port, make_bucket, s3, start_moto  # noqa: F401 - throughput.py starts the server
+from ilias_ray.testing.s3 import upload as copy_up
 
 BUCKET, PREFIX = "ilias-bench", "yfcc"
 
 
-# -- the server: the tests' own helpers (tests/s3.py) --
+# -- the server: the tests' own helpers (ilias_ray/testing/s3.py) --
 def aws_env(port: int) -> dict:
     """What the S3 clients of this process and of the workers need: the local endpoint and dummy
     keys (set before pyarrow's S3 client is first made)."""
@@ -207,12 +201,12 @@ def worker() -> int:
     from ray.data.block import BlockAccessor
 
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import decoder
-    from ilias_ray.plan import Unit
-    from ilias_ray.preprocess import decode_batch
-    from ilias_ray.read import read_tar
-    from ilias_ray.rows import Kind
-    from ilias_ray.storage import Location
+    from ilias_ray.job.stage_args import decoder
+    from ilias_ray.plan_types import Source, Unit
+    from ilias_ray.stages.decode import decode_batch
+    from ilias_ray.stages.read import read_tar
+    from ilias_ray.stages.rows import State
+    from ilias_ray.storage.location import Location
 
     dec = None
     for line in sys.stdin:
@@ -226,9 +220,9 @@ def worker() -> int:
                 continue
             rows = nbytes = 0
             for name, size in msg["names"]:
-                unit = Unit(uid=1, out=0, kind="tar", name=name, src=Location.of(msg["base"]) / name, size=size)
+                unit = Unit(1, 0, Source.TAR, name, src=Location.of(msg["base"]) / name, size=size)
                 for table in read_tar(unit, None):
-                    samples = pc.not_equal(table["kind"], Kind.MARKER)
+                    samples = pc.not_equal(table["state"], State.END)
                     rows += pc.sum(samples).as_py() or 0
                     nbytes += pc.sum(pc.binary_length(table["data"])).as_py() or 0
                     if msg["decode"]:

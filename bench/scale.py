@@ -1,10 +1,10 @@
 """Scale bench (issue 13): the benchmark's shape without a GPU or 100M images, in one run.
 
-    .venv/bin/python bench/scale.py                     # all four parts, default sizes
+    .venv/bin/python bench/scale.py                     # all four sections, default sizes
     .venv/bin/python bench/scale.py --only sink --shards 200 --per_shard 50
 
 It builds --shards tar shards of --per_shard copies of one 32x32 JPEG in a temporary folder, and
-runs the real job (`pipeline.run`) over them with the null backbone (ilias_ray/models/null.py,
+runs the real job (`job/run.run`) over them with the null backbone (ilias_ray/testing/null_backbone.py,
 `null_1024`: D=1024, fp16, 2 KiB per row, at no cost), so that what is measured is Ray, the sink
 and the driver. The null backbone exists only under ILIAS_RAY_TESTING=1, which this bench sets
 (init_ray forwards ILIAS_RAY_* to the workers). A thread samples every 0.5 s: the object store's
@@ -16,7 +16,7 @@ planning      bench/selected_ids.py --plan_only in its own process: seconds and 
 sink          rows/s reaching the sink in the real job (steady: between 10% and 90% of the rows,
               from the driver's progress timeline) and the CPU seconds of each role; the sink's
               busy fraction (its CPU seconds / the run's seconds) says whether it is the bound.
-              Then the sink stage alone (pipeline.sink_stage, as the job builds it),
+              Then the sink stage alone (job/dataset.sink_stage, as the job builds it),
               fed pre-made D=1024 fp16 rows of 4 outputs by Ray, with 1, 2 and 4 sinks: rows/s and
               rows per CPU-second of the sinks, as they are (--fed_rows) and with each sink slowed
               to --scaling_slow_ms per row (--scaling_rows): a sink that is the bound whatever the
@@ -36,137 +36,37 @@ Prints the machine and a table; --json writes it.
 import argparse
 import contextlib
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+import ray
+
+from ilias_ray.plan_types import Plan
+from measure import MIB, Watch, environ, machine, report, steady_rate
+from selected_ids import make_shards
+from sink_capacity import batches, one_output
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-import ray  # noqa: E402 - first: it puts its bundled psutil on the path
-
-# isort: split
-import psutil  # noqa: E402
-
-from bench import PeakMemory, steady_rate  # noqa: E402
-from report import report  # noqa: E402
-from selected_ids import make_shards  # noqa: E402
-from sink_capacity import batches, one_output  # noqa: E402
-
 MODEL = "null_1024"
 SIDE = 32  # pixels of the tiny JPEGs (and --resolution: no resize)
-MIB = 2**20
-
-
-def machine() -> dict:
-    import torch
-
-    gpu = "GPU" if torch.cuda.is_available() else "no GPU"
-    mem = psutil.virtual_memory().total / 2**30
-    return {"machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, {mem:.1f} GiB, {gpu}"}
-
-
-def store_reader():
-    """A function returning the object store's bytes used and spilled so far (the raylet's stats)."""
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    state = get_state_from_address(ray.get_runtime_context().gcs_address)
-
-    def read() -> dict:
-        st = get_memory_info_reply(state).store_stats
-        return {"store": st.object_store_bytes_used, "spilled": st.spilled_bytes_total}
-
-    return read
-
-
-class Watch(PeakMemory):
-    """Samples, every `every` s, the object store, the driver's and the sink's RSS and the sink's
-    open files (`samples`), and adds each Ray process's CPU time since the last sample to its
-    role (`cpu`). Roles are PeakMemory's (from the process titles)."""
-
-    def __init__(self, every: float = 0.5):
-        super().__init__(os.getpid(), every)
-        self.samples = []
-        self.cpu = defaultdict(float)
-        self.seen = {}  # pid -> CPU seconds at the last sample
-        self.store = store_reader()
-        self.capacity = ray.cluster_resources().get("object_store_memory", 0)  # bytes
-
-    def __enter__(self):
-        for p in [self.me] + self.me.children(recursive=True):  # CPU spent before the run is not counted
-            with contextlib.suppress(psutil.Error):
-                c = p.cpu_times()
-                self.seen[p.pid] = c.user + c.system
-        return super().__enter__()
-
-    def loop(self):
-        t0 = time.monotonic()
-        while not self.stop.is_set():
-            s = {"t": time.monotonic() - t0}
-            try:
-                s.update(self.store())
-            except Exception:  # noqa: BLE001 - the cluster is going away
-                pass
-            for p in [self.me] + self.me.children(recursive=True):
-                try:
-                    self.measure(p, s)
-                except psutil.Error:  # processes come and go
-                    pass
-            self.samples.append(s)
-            time.sleep(self.every)
-
-    def measure(self, p, s: dict) -> None:
-        role = self.role(p) or "other"
-        with p.oneshot():
-            c = p.cpu_times()
-            now = c.user + c.system
-            self.cpu[role] += now - self.seen.get(p.pid, 0.0)  # a new process: all of its CPU
-            self.seen[p.pid] = now
-            if role in ("driver", "sink actor"):
-                s[f"{role} rss"] = p.memory_info().rss
-            if role == "sink actor":
-                s["sink fds"] = p.num_fds()
-
-    def peaks(self, key: str, scale: float = MIB) -> tuple:
-        """(peak over the run, peak in its first half, peak in its second half) of one series."""
-        xs = [(s["t"], s[key]) for s in self.samples if key in s]
-        if not xs:
-            return (None, None, None)
-        half = xs[-1][0] / 2
-        first = max((v for t, v in xs if t <= half), default=0)
-        second = max((v for t, v in xs if t > half), default=0)
-        return tuple(round(v / scale, 1) for v in (max(first, second), first, second))
 
 
 def flat(first, second, slack: float) -> bool:
     return first is not None and second <= 1.25 * first + slack
 
 
-@contextlib.contextmanager
-def environ(**env):
-    """os.environ with `env` set, as it was again afterwards (init_ray forwards ILIAS_RAY_* to the
-    workers of the cluster it starts)."""
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def job(shards: Path, out: Path, env: dict, store_limit: int = 0, **settings) -> tuple:
-    """pipeline.run over `shards` with the null backbone and `env` set (forwarded to the workers);
+    """job/run.run over `shards` with the null backbone and `env` set (forwarded to the workers);
     its lines go to out/job.log. `store_limit` (bytes; 0: Ray Data's default, a share of the object
     store) caps what Ray Data lets its stages keep in the object store. Returns (summary, Watch,
     seconds after Ray start-up)."""
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import init_ray, run, stop_ray
+    from ilias_ray.job.run import run
+    from ilias_ray.job.session import init_ray, stop_ray
 
     cfg = Config(
         dataset_dir=str(shards),
@@ -202,7 +102,7 @@ def cpu_split(w: Watch, seconds: float) -> dict:
     return {"cpu_s_by_role": roles, "machine_cpu_busy": round(sum(roles.values()) / (seconds * os.cpu_count()), 2)}
 
 
-def sink_part(shards: Path, tmp: Path, args) -> dict:
+def sink_section(shards: Path, tmp: Path, args) -> dict:
     summary, w, seconds = job(shards, tmp / "out_sink", {})
     rows = summary["rows"] + summary["skipped"]
     sink_cpu = w.cpu.get("sink actor", 0.0)
@@ -220,40 +120,60 @@ def sink_part(shards: Path, tmp: Path, args) -> dict:
     return out
 
 
-def fed_specs(out: Path, outputs: int, shards: int) -> tuple:
-    """([OutputSpec] of `outputs` outputs of `shards` units each, RunInfo), in `out`."""
-    spec, run = one_output(out, shards)
-    return [replace(spec, name=f"features_distractors_{o:05d}.hdf5") for o in range(outputs)], run
+def fed_plan(out: Path, outputs: int, shards: int) -> Plan:
+    """A Plan of `outputs` outputs of `shards` tar units each, in `out`."""
+    one, fmt = one_output(out, shards)
+    outputs = [
+        replace(
+            one,
+            index=o,
+            name=f"features_distractors_{o:05d}.hdf5",
+            units=tuple(replace(u, uid=o * shards + k, out=o) for k, u in enumerate(one.units)),
+        )
+        for o in range(outputs)
+    ]
+    return Plan(outputs=outputs, format=fmt)
 
 
 def fed_tables(outputs: int, shards: int, per_shard: int) -> list:
     """bench/sink_capacity's pre-made sink batches (D=1024 fp16, 256 rows, shuffled within windows)
-    for each output, interleaved so that every output is in flight at once, as Arrow tables."""
+    for each output, interleaved so that every output is in flight at once, as Arrow tables of one
+    packed row each: the blocks the model stage hands the sink stage (stages/blocks.py)."""
     import pyarrow as pa
 
+    from ilias_ray.stages.blocks import PACKED_SCHEMA, pack
+
     each = [batches(shards, per_shard, 256, 1024, out=o) for o in range(outputs)]
-    return [pa.Table.from_pydict(b) for group in zip(*each) for b in group]
+    for o, made in enumerate(each):
+        for b in made:
+            b["unit"] = b["unit"] + o * shards  # each output's own units (fed_plan)
+    return [
+        pa.Table.from_arrays([pa.array([pack(b)], pa.binary())], schema=PACKED_SCHEMA)
+        for group in zip(*each)
+        for b in group
+    ]
 
 
 def fed_sinks(out: Path, sinks: int, outputs: int, rows: int, slow_ms: int = 0) -> dict:
-    """The job's sink stage alone (pipeline.sink_stage, as `run` builds it) with
+    """The job's sink stage alone (job/dataset.sink_stage, as `run` builds it) with
     `sinks` sinks, fed pre-made rows of `outputs` outputs by Ray: rows/s, steady (between 10% and
     90%, from the progress rows), and rows per CPU-second of the sinks. slow_ms: each sink sleeps
     that long per row written (ILIAS_RAY_FAULT=sink_write:slow=MS): a sink that is the bound
     whatever the machine's cores, to show that the stage's rate grows with the sinks."""
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import init_ray, sink_stage, stop_ray
+    from ilias_ray.job.dataset import sink_stage
+    from ilias_ray.job.session import init_ray, stop_ray
 
     per_shard = 500
     shards = max(1, rows // (outputs * per_shard))
     tables = fed_tables(outputs, shards, per_shard)
     out.mkdir(parents=True)
-    specs, run = fed_specs(out, outputs, shards)
+    plan = fed_plan(out, outputs, shards)
     slow = dict(ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"sink_write:slow={slow_ms}") if slow_ms else {}
     try:
         with environ(**slow):
             init_ray(Config(dataset_dir=str(out), hdf5_dir=str(out)))
-            ds, _ = sink_stage(ray, ray.data.from_arrow(tables), specs, run, sinks)
+            ds, _ = sink_stage(ray, ray.data.from_arrow(tables), plan, sinks)
             timeline, done, t0 = [], {}, time.perf_counter()
             with Watch() as w:
                 for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -263,7 +183,7 @@ def fed_sinks(out: Path, sinks: int, outputs: int, rows: int, slow_ms: int = 0) 
     finally:
         stop_ray()
     total = outputs * shards * per_shard
-    assert timeline[-1][1] == total and all((out / spec.name).exists() for spec in specs)
+    assert timeline[-1][1] == total and all((out / o.name).exists() for o in plan.outputs)
     return {
         "rows": total,
         "rows_per_s_steady": round(steady_rate(timeline)),
@@ -297,7 +217,7 @@ def memory_peaks(prefix: str, w: Watch, keys) -> dict:
     return out
 
 
-def backpressure_part(shards: Path, tmp: Path, args) -> dict:
+def backpressure_section(shards: Path, tmp: Path, args) -> dict:
     env = {"ILIAS_RAY_FAULT": f"sink_write:slow={args.slow_ms}"}
     n = min(args.bp_shards, args.shards)
     summary, w, seconds = job(shards, tmp / "out_bp", env, args.bp_store_mib * MIB, total_tars=n)
@@ -313,7 +233,7 @@ def backpressure_part(shards: Path, tmp: Path, args) -> dict:
     return out
 
 
-def outputs_part(shards: Path, tmp: Path, args) -> dict:
+def outputs_section(shards: Path, tmp: Path, args) -> dict:
     summary, w, seconds = job(shards, tmp / "out_many", {}, tar_batch_size=1)
     out = {
         "outputs_files": len(summary["written"]),
@@ -326,7 +246,7 @@ def outputs_part(shards: Path, tmp: Path, args) -> dict:
     return out
 
 
-def planning_part(tmp: Path, args) -> dict:
+def planning_section(tmp: Path, args) -> dict:
     """bench/selected_ids.py's planning, in its own process: its peak RSS is the planning's alone."""
     path = tmp / "planning.json"
     cmd = [sys.executable, str(HERE / "selected_ids.py"), "--plan_only", "--shards", "1000"]
@@ -358,15 +278,21 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ilias-bench-scale-"))
     res = machine()
     res.update(shards=args.shards, per_shard=args.per_shard, dim=1024, dtype="float16")
-    parts = {"planning": planning_part, "sink": sink_part, "backpressure": backpressure_part, "outputs": outputs_part}
-    todo = [args.only] if args.only else list(parts)
+    sections = {
+        "planning": planning_section,
+        "sink": sink_section,
+        "backpressure": backpressure_section,
+        "outputs": outputs_section,
+    }
+    todo = [args.only] if args.only else list(sections)
     if todo != ["planning"]:
         t = time.perf_counter()
         make_shards(tmp / "shards", args.shards, args.per_shard, SIDE)
         res["build_shards_s"] = round(time.perf_counter() - t, 1)
     for name in todo:
         t = time.perf_counter()
-        res.update(parts[name](tmp, args) if name == "planning" else parts[name](tmp / "shards", tmp, args))
+        run = sections[name]
+        res.update(run(tmp, args) if name == "planning" else run(tmp / "shards", tmp, args))
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
     return report(res, args.json)
 

@@ -20,15 +20,12 @@ import io
 import os
 import platform
 import resource
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from report import report  # noqa: E402
+from measure import report
 
 
 def peak_rss_mib() -> float:
@@ -61,7 +58,7 @@ def by_value(ids_path: Path, unit, shards: int) -> tuple:
     bytes and the seconds for all `shards` tasks (building the set once, pickling it per task)."""
     from ray import cloudpickle
 
-    from ilias_ray.read import read_tar
+    from ilias_ray.stages.read import read_tar
 
     t = time.perf_counter()
     keys = frozenset(line.strip() for line in open(ids_path))
@@ -84,9 +81,10 @@ def main() -> None:
     from ray import cloudpickle
 
     from ilias_ray.config import Config
-    from ilias_ray.plan import make_plan
-    from ilias_ray.read import IliasDatasource
-    from ilias_ray.rows import Kind
+    from ilias_ray.plan.planner import make_plan
+    from ilias_ray.stages.blocks import unpack
+    from ilias_ray.stages.read import IliasDatasource
+    from ilias_ray.stages.rows import State
 
     tmp = Path(tempfile.mkdtemp(prefix="ilias-bench-ids-"))
     keys = make_shards(tmp / "yfcc", args.shards)
@@ -135,8 +133,8 @@ def main() -> None:
     ctx.enable_progress_bars = False
     t = time.perf_counter()
     ds = ray.data.read_datasource(IliasDatasource(plan.units, ref), override_num_blocks=args.shards)
-    images = (b["kind"] == Kind.TAR_IMAGE for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
-    rows = sum(int(i.sum()) for i in images)
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")  # packed blocks (stages/blocks.py)
+    rows = sum(int((b["state"] == State.BYTES).sum()) for packed in batches for b in unpack(packed))
     out["read_stage_s"] = round(time.perf_counter() - t, 1)
     out["read_stage_rows"] = rows
     out["driver_peak_rss_mib"] = round(peak_rss_mib())

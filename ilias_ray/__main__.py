@@ -1,3 +1,3 @@
-from ilias_ray.cli import main
+from ilias_ray.cli.main import main
 
 raise SystemExit(main())

@@ -8,10 +8,10 @@ of its run (Config.run_settings) are all derived from these declarations.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Optional
+
+from ilias_ray.errors import UserError
 
 PARTITIONS = ("image_queries", "text_queries", "positives", "distractors", "uned")
 # The partitions one run may take together (one model load): text queries need the text tower, and
@@ -37,10 +37,6 @@ FRAMEWORKS = {
 
 SCALES = (0.707, 1.0, 1.414)
 ANGLES = (0, 90, 180, 270)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the CLI prints it as one line and exits non-zero."""
 
 
 def bool_flag(value: str) -> bool:
@@ -173,7 +169,7 @@ class Config:
         """The partitions of --partition, in the order given."""
         return tuple(p.strip() for p in self.partition.split(","))
 
-    def parts(self) -> list:
+    def partition_runs(self) -> list:
         """One Config per partition of this run: the run of that partition alone. Its settings,
         fingerprint and `run` record are those of a one-partition run, so that the files of either
         kind of run are the same files (and a later run of either kind resumes or skips them).
@@ -196,29 +192,29 @@ class Config:
         return out
 
     def check_partitions(self) -> None:
-        parts = self.partitions()
-        unknown = [p for p in parts if p not in PARTITIONS]
+        names = self.partitions()
+        unknown = [p for p in names if p not in PARTITIONS]
         if unknown:
             raise UserError(f"--partition must be one of {', '.join(PARTITIONS)}, not {unknown[0]!r}")
-        self.partition = ",".join(parts)  # ' positives' names the file features_positives.hdf5
-        if len(parts) > 1:
-            alone = [p for p in parts if p not in IMAGE_PARTITIONS]
+        self.partition = ",".join(names)  # ' positives' names the file features_positives.hdf5
+        if len(names) > 1:
+            alone = [p for p in names if p not in IMAGE_PARTITIONS]
             if alone:
                 raise UserError(
                     f"--partition {alone[0]} is a run of its own; several partitions in one run are "
                     f"among {', '.join(IMAGE_PARTITIONS)}"
                 )
-            twice = sorted({p for p in parts if parts.count(p) > 1})
+            twice = sorted({p for p in names if names.count(p) > 1})
             if twice:
                 raise UserError(f"--partition lists {twice[0]} more than once")
-            if "distractors" in parts and self.distractors_dir is None:
+            if "distractors" in names and self.distractors_dir is None:
                 raise UserError(
                     "--partition with distractors and other partitions needs --distractors_dir (the folder of "
                     "tar shards); --dataset_dir is the ILIAS core folder"
                 )
-            if "distractors" not in parts and self.selected_ids is not None:
+            if "distractors" not in names and self.selected_ids is not None:
                 raise UserError("with several partitions, --selected_ids applies to the distractors only")
-        if self.distractors_dir is not None and "distractors" not in parts:
+        if self.distractors_dir is not None and "distractors" not in names:
             raise UserError("--distractors_dir goes with --partition distractors (alone, or with other partitions)")
 
     def validate(self) -> "Config":
@@ -241,7 +237,8 @@ class Config:
             raise UserError(
                 f"--start_tar ({self.start_tar}) must be divisible by --tar_batch_size ({self.tar_batch_size})"
             )
-        from ilias_ray.storage import Location, check_credentials_free
+        from ilias_ray.storage.credentials import check_credentials_free
+        from ilias_ray.storage.location import Location
 
         for flag, where in (
             ("--dataset_dir", self.dataset_dir),
@@ -281,15 +278,3 @@ class Config:
     def flags() -> list:
         """The declarations of the `ilias-ray extract` flags, in declaration order."""
         return [f for f in fields(Config) if f.metadata["flag"]]
-
-
-def settings_json(settings: dict) -> str:
-    return json.dumps(settings, sort_keys=True)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -9,16 +9,18 @@ It runs two extractions in one driver: the image queries, positives and the dist
 one job with one model load (`--partition image_queries,positives,distractors --distractors_dir`),
 then the text queries when the model has a text tower.
 
-Flags it does not know are passed to every `ilias-ray extract` (e.g. --checkpoint, --batch_size).
+Flags it does not know are `ilias-ray extract` flags for every job (e.g. --checkpoint, --batch_size),
+checked before the first one starts.
+
+`ilias_ray` is the installed package (the Dockerfile's image installs it), or the `--working-dir`
+copy, which Ray puts first on the job's PYTHONPATH; this script edits no sys.path.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ilias_ray.jobs import model_commands, run_commands  # noqa: E402
+from ilias_ray.cli.flags import overrides
+from ilias_ray.cli.sweep import model_configs, run_configs
 
 
 def main() -> int:
@@ -39,7 +41,7 @@ def main() -> int:
         help="text queries: auto = when the model has a text tower",
     )
     args, extra = p.parse_known_args()
-    cmds = model_commands(
+    cfgs = model_configs(
         args.framework,
         args.model,
         args.core,
@@ -50,9 +52,9 @@ def main() -> int:
         args.start_tar,
         args.total_tars,
         args.text,
-        extra,
+        overrides(extra),  # checked now, before the first job: a wrong flag is one line
     )
-    return run_commands(cmds)
+    return run_configs(cfgs)
 
 
 if __name__ == "__main__":

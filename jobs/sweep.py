@@ -5,16 +5,16 @@
 
 Each row writes into `--hdf5_dir/<label>/` with the table's framework, model, pooling and
 resolution, and text queries when the row has a text tower. Finished files are skipped on a
-rerun, so a sweep can be resubmitted after a failure. Unknown flags go to every extraction.
+rerun, so a sweep can be resubmitted after a failure. Unknown flags are `ilias-ray extract` flags
+for every extraction, checked before the first one.
+`ilias_ray` comes from the installed package or the `--working-dir` copy, as in extract_model.py.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ilias_ray.jobs import run_sweep  # noqa: E402
+from ilias_ray.cli.flags import overrides
+from ilias_ray.cli.sweep import run_sweep
 
 
 def main() -> int:
@@ -26,7 +26,8 @@ def main() -> int:
     p.add_argument("--start_tar", type=int, default=0)
     p.add_argument("--total_tars", type=int, default=10)
     args, extra = p.parse_known_args()
-    return run_sweep(args.rows, args.core, args.yfcc, args.hdf5_dir, args.start_tar, args.total_tars, extra)
+    settings = overrides(extra)  # checked now, before the first job: a wrong flag is one line
+    return run_sweep(args.rows, args.core, args.yfcc, args.hdf5_dir, args.start_tar, args.total_tars, settings)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 # Object storage: moto's S3 server on 127.0.0.1 (started by the `s3_server` fixture), set here,
 # before any Ray process starts, so that every worker inherits the endpoint and the dummy keys.
-from s3 import free_port, start_moto  # noqa: E402
+from ilias_ray.testing.s3 import free_port, start_moto  # noqa: E402
 
 MOTO_PORT = free_port()
 os.environ.update(
@@ -54,7 +54,7 @@ def one_line_error(args, capsys) -> str:
 
 def one_line_error_and_stdout(args, capsys) -> tuple:
     """one_line_error's checks; returns the line and what the command printed on stdout."""
-    from ilias_ray import cli
+    from ilias_ray.cli import main as cli
 
     capsys.readouterr()
     try:
@@ -103,7 +103,7 @@ def kill_opts_run(sample, out) -> dict:
     """A KILL_OPTS run over the sample's shards into `out` (a folder or a URI), in this process; its
     summary."""
     from ilias_ray.config import Config
-    from ilias_ray.pipeline import run
+    from ilias_ray.job.run import run
 
     return run(Config(dataset_dir=str(sample["yfcc"]), hdf5_dir=str(out), **KILL_OPTS))
 
@@ -119,13 +119,21 @@ def uninterrupted(ray_cluster, sample, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
-    from ilias_ray.sample import build_sample
+    from ilias_ray.testing.sample import build_sample
 
     return build_sample(tmp_path_factory.mktemp("sample"))
 
 
 @pytest.fixture(scope="session")
 def vit_checkpoint(tmp_path_factory):
-    from ilias_ray.demo import write_random_checkpoint
+    from ilias_ray.cli.demo import write_random_checkpoint
 
     return write_random_checkpoint(VIT, tmp_path_factory.mktemp("ckpt") / "vit.safetensors", seed=1)
+
+
+def pytest_collection_modifyitems(items):
+    """tests/e2e/test_autoscale.py runs first. Ray's AutoscalingCluster starts and stops with `ray stop
+    --force`, which ends every Ray cluster on the machine: run later, it would end this session's own
+    (`ray_cluster`), and the pytest process with it (a driver whose raylet is gone exits)."""
+    first = [i for i in items if i.nodeid.startswith("tests/e2e/test_autoscale.py")]
+    items[:] = first + [i for i in items if i not in first]

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-import stages
+import stage_settings as stages
 from ilias_ray.config import Config
 
 VIT = "vit_tiny_patch16_224"

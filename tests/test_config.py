@@ -3,15 +3,11 @@ recorded run settings all come from those declarations, and stay what they were.
 
 from __future__ import annotations
 
-import dataclasses
-import pickle
-
 import pytest
 
-from conftest import one_line_error
-from ilias_ray import cli
-from ilias_ray.config import POOLINGS, Config, UserError
-from ilias_ray.parts import fingerprint
+from ilias_ray.config import Config
+from ilias_ray.errors import UserError
+from ilias_ray.output.schema import fingerprint
 
 # The fingerprint of a default run's outputs. Files finished before the settings were declared on
 # Config carry it: a rerun after any upgrade must compute the same keys, values and digest, or it
@@ -34,7 +30,11 @@ DEFAULT_OUTPUT_SETTINGS = {
     "pretrained": True,
     "selected_ids_sha256": None,
 }
+
+
 DEFAULT_FINGERPRINT = "da9b9ec05a996980cfcc5abc7b1a08d1916171c63ffb78773c09c16fbea85564"
+
+
 # A distractor file's: the output settings plus its shards (plan.make_plan), with other values.
 DISTRACTOR_FINGERPRINT = "6a16606beef243e0e546c49e7ce292932acac9c36c32b91bb61e901f060bc96c"
 
@@ -62,87 +62,6 @@ def test_run_settings_are_where_and_how_not_what():
         "tar_batch_size": 10,
     }
     assert not set(default().run_settings()) & set(DEFAULT_OUTPUT_SETTINGS)
-
-
-def extract_actions() -> dict:
-    sub = cli.build_parser()._subparsers._group_actions[0].choices["extract"]
-    return {a.dest: a for a in sub._actions if a.dest != "help"}
-
-
-def test_every_flag_comes_from_its_declaration():
-    actions = extract_actions()
-    declared = {f.name: f for f in dataclasses.fields(Config)}
-    # Every setting is a flag, except the digests validate() fills in.
-    assert set(actions) == set(declared) - {"checkpoint_sha256", "selected_ids_sha256"}
-    for name, a in actions.items():
-        f = declared[name]
-        assert a.option_strings == [f"--{name}"] and a.help
-        assert a.required == (f.default is dataclasses.MISSING)
-        if not a.required:
-            assert a.default == f.default, name
-        assert a.choices == f.metadata["choices"], name
-    assert actions["pooling"].choices == POOLINGS
-
-
-def test_flag_types_and_spellings():
-    args = ["extract", "--dataset_dir", "d", "--hdf5_dir", "h"]
-    cfg = cli.config_from_args(cli.build_parser().parse_args(args))
-    assert cfg == Config(dataset_dir="d", hdf5_dir="h")  # the command line's defaults are Config's
-    cfg = cli.config_from_args(
-        cli.build_parser().parse_args(
-            args
-            + [
-                "--multiscale",
-                "ON",
-                "--store_fp16",
-                "0",
-                "--use_gpu",
-                "auto",
-                "--total_tars",
-                "3",
-                "--model_actors",
-                "2",
-                "--checkpoint",
-                "w.pt",
-                "--resolution",
-                "224",
-            ]
-        )
-    )
-    assert (cfg.multiscale, cfg.store_fp16, cfg.use_gpu, cfg.total_tars, cfg.model_actors) == (True, False, None, 3, 2)
-    assert (cfg.checkpoint, cfg.resolution) == ("w.pt", 224)
-    assert cli.build_parser().parse_args(args + ["--use_gpu", "true"]).use_gpu is True
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (
-            ["--overwrite", "maybe"],
-            "argument --overwrite: invalid value for a boolean flag: 'maybe' (use true/false, on/off, 1/0)",
-        ),
-        (
-            ["--use_gpu", "yes"],
-            "argument --use_gpu: invalid value for a boolean flag: 'yes' (use true/false, on/off, 1/0)",
-        ),
-        (["--resolution", "big"], "argument --resolution: invalid int value: 'big'"),
-        (
-            ["--pooling", "max"],
-            "argument --pooling: invalid choice: 'max' (choose from 'head', 'cls', 'gap', 'mac', "
-            "'gem', 'rmac', 'rgem', 'local')",
-        ),
-    ],
-)
-def test_flag_errors_are_argparse_lines(args, message, capsys):
-    line = one_line_error(["extract", "--dataset_dir", "d", "--hdf5_dir", "h", *args], capsys)
-    assert line == f"ilias-ray extract: error: {message} (see --help)"
-
-
-def test_a_missing_required_flag(capsys):
-    line = one_line_error(["extract"], capsys)
-    assert (
-        line == "ilias-ray extract: error: the following arguments are required: --dataset_dir, --hdf5_dir (see --help)"
-    )
 
 
 @pytest.mark.parametrize(
@@ -219,7 +138,7 @@ def test_each_partition_of_a_run_is_the_run_of_it_alone():
         selected_ids_sha256="ab",
         total_tars=3,
     )
-    parts = cfg.parts()
+    parts = cfg.partition_runs()
     assert [p.partition for p in parts] == ["image_queries", "positives", "distractors"]
     queries, positives, distractors = parts
     assert queries == Config(dataset_dir="/core", hdf5_dir="/out", partition="image_queries", total_tars=3)
@@ -235,73 +154,9 @@ def test_each_partition_of_a_run_is_the_run_of_it_alone():
     assert distractors.run_settings()["dataset_dir"] == "/yfcc"
     # One partition: the run itself; --distractors_dir may name the shards' folder then too.
     one = default(partition="positives")
-    assert one.parts() == [one]
+    assert one.partition_runs() == [one]
     spaced = default(partition=" positives")
     spaced.check_partitions()
-    assert [p.partition for p in spaced.parts()] == ["positives"]
+    assert [p.partition for p in spaced.partition_runs()] == ["positives"]
     alone = Config(dataset_dir="/x", distractors_dir="/yfcc", hdf5_dir="/out", partition="distractors")
-    assert [p.dataset_dir for p in alone.parts()] == ["/yfcc"]
-
-
-def test_a_bound_error_from_the_command_line(capsys, tmp_path):
-    line = one_line_error(
-        ["extract", "--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--min_size", "-1"], capsys
-    )
-    assert line == "ilias-ray: error: --min_size must be >= 0"
-
-
-def test_help_lists_every_framework(capsys):
-    from ilias_ray.models import FRAMEWORKS
-
-    with pytest.raises(SystemExit) as e:
-        cli.main(["extract", "--help"])
-    assert e.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert f"one of {', '.join(FRAMEWORKS)} " in text and len(FRAMEWORKS) == 10
-    assert "(default: vit_large_patch16_siglip_384.webli)" in text
-
-
-def test_stages_get_only_their_settings():
-    """What Ray ships to decode tasks and model actors: small, picklable, and no whole Config."""
-    from ilias_ray.embed import BackboneSpec
-    from ilias_ray.pipeline import decoder, embedder_args
-    from ilias_ray.preprocess import Decoder
-
-    cfg = default(
-        transforms="RESIZE_PAD",
-        resolution=224,
-        masking=True,
-        multirotate=True,
-        checkpoint="s3://b/w.pt",
-        checkpoint_sha256="ab",
-        batch_size=16,
-    )
-    dec = decoder(cfg)
-    assert dec == Decoder(transforms="RESIZE_PAD", resolution=224, min_size=0, crop_resize=False, masking=True)
-    assert (
-        dec.pad == 224
-        and decoder(default(min_size=600)).pad == 600
-        and decoder(default(transforms="RESIZE_SMALL", min_size=600)).pad == 0
-    )
-    args = embedder_args(cfg)
-    assert args == dict(
-        backbone=BackboneSpec(
-            framework="timm",
-            model="vit_large_patch16_siglip_384.webli",
-            checkpoint="s3://b/w.pt",
-            checkpoint_sha256="ab",
-            pretrained=True,
-            trust_remote_code=False,
-        ),
-        pooling="head",
-        scales=(1.0,),
-        angles=(0, 90, 180, 270),
-        pad=224,
-        batch_size=16,
-        comp_fp16=True,
-        store_fp16=True,
-    )
-    assert embedder_args(default(multiscale=True))["scales"] == (0.707, 1.0, 1.414)
-    for shipped in (dec, args):
-        assert pickle.loads(pickle.dumps(shipped)) == shipped
-        assert len(pickle.dumps(shipped)) < 1000
+    assert [p.dataset_dir for p in alone.partition_runs()] == ["/yfcc"]

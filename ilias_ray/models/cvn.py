@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilias_ray.config import UserError
-from ilias_ray.models import (
+from ilias_ray.errors import UserError
+from ilias_ray.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backbone,

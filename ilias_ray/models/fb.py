@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ilias_ray.models import (
+from ilias_ray.models import timm_models
+from ilias_ray.models.base import (
     ALL_POOLINGS,
     CNN_POOLINGS,
     IMAGENET_MEAN,
@@ -27,7 +28,6 @@ from ilias_ray.models import (
     load_into,
     load_state_dict,
     strip_prefixes,
-    timm_models,
     unknown_model,
     url_cached,
     url_hint,

@@ -22,8 +22,17 @@ from typing import Optional
 
 import torch
 
-from ilias_ray.config import UserError
-from ilias_ray.models import Backbone, ModelSpec, Weights, hf_cached, hf_hint, load_into, load_state_dict, unknown_model
+from ilias_ray.errors import UserError
+from ilias_ray.models.base import (
+    Backbone,
+    ModelSpec,
+    Weights,
+    hf_cached,
+    hf_hint,
+    load_into,
+    load_state_dict,
+    unknown_model,
+)
 
 MEAN = STD = (0.5, 0.5, 0.5)
 KNOWN = (

@@ -11,7 +11,7 @@ from typing import Optional
 import timm
 import torch
 
-from ilias_ray.models import (
+from ilias_ray.models.base import (
     ALL_POOLINGS,
     Backbone,
     ModelSpec,
@@ -47,7 +47,7 @@ def build(
     sd = strip_prefixes(load_state_dict(checkpoint), ("module.", "model.", "backbone.")) if checkpoint else {}
     width = sd["cls_token"].shape[-1] if "cls_token" in sd else 384
     if width not in WIDTHS:
-        from ilias_ray.config import UserError
+        from ilias_ray.errors import UserError
 
         raise UserError(f"--checkpoint {checkpoint}: a ViT of width {width}; hier expects 384 or 768")
     classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ilias_ray.models import (
+from ilias_ray.models.base import (
     CNN_POOLINGS,
     OPENAI_MEAN,
     OPENAI_STD,

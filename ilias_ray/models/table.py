@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 from importlib import resources
 
-from ilias_ray.config import UserError
-from ilias_ray.models import FRAMEWORKS, framework
+from ilias_ray.config import FRAMEWORKS
+from ilias_ray.errors import UserError
+from ilias_ray.models.registry import framework
 
 
 def benchmark_rows() -> list:

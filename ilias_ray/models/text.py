@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ilias_ray.models import Backbone, ModelSpec, unknown_model
+from ilias_ray.models.base import Backbone, ModelSpec, unknown_model
 from ilias_ray.models.och import open_clip_pretrained, open_clip_weights
 
 _HF = "hf-hub:timm/"

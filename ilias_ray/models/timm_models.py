@@ -9,7 +9,7 @@ from typing import Optional
 import timm
 import torch
 
-from ilias_ray.models import (
+from ilias_ray.models.base import (
     ALL_POOLINGS,
     CNN_POOLINGS,
     Backbone,

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torchvision
 
-from ilias_ray.models import (
+from ilias_ray.models.base import (
     CNN_POOLINGS,
     Backbone,
     ModelSpec,

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from ilias_ray.config import UserError
-from ilias_ray.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, ModelSpec, Weights, load_into, unknown_model
+from ilias_ray.errors import UserError
+from ilias_ray.models.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, ModelSpec, Weights, load_into, unknown_model
 from ilias_ray.models.fb import use_dino_pos_embed
 
 PATCH = 14

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilias_ray.config import UserError, file_sha256
-from ilias_ray.models import (
+from ilias_ray.errors import UserError
+from ilias_ray.models.base import (
     CNN_POOLINGS,
     OPENAI_MEAN,
     OPENAI_STD,
@@ -34,6 +34,7 @@ from ilias_ray.models import (
     load_state_dict,
     unknown_model,
 )
+from ilias_ray.storage.cache import verified
 
 POOLINGS = CNN_POOLINGS  # no class token: no `cls`
 PREFIXES = ("_orig_mod.", "module.")
@@ -208,32 +209,17 @@ def cached_path(url: str) -> str:
 
 
 def fetch(a: Arch) -> str:
-    """The verified local copy of `a`'s public weights, downloaded first if need be."""
-    path = cached_path(a.url)
-    if os.path.exists(path):
-        got = file_sha256(path)
-        if got != a.sha256:
-            raise UserError(f"sha256 mismatch for {path} (got {got}, want {a.sha256}); delete it and retry")
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+    """The verified local copy of `a`'s public weights, downloaded first if need be (storage/cache.py)."""
+
+    def download(tmp: str) -> None:
         try:
             torch.hub.download_url_to_file(a.url, tmp, progress=False)
         except Exception as e:  # network errors: one clear line for the user
             raise UserError(
                 f"could not download {a.url} ({e}); download it into {cache_dir()} or pass --checkpoint FILE"
             ) from e
-        got = file_sha256(tmp)
-        if got != a.sha256:
-            raise UserError(
-                f"sha256 mismatch for the download of {a.url} (got {got}, want {a.sha256}); delete it and retry"
-            )
-        os.replace(tmp, path)  # only a verified file ever gets the final name
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    return verified(cached_path(a.url), download, a.sha256, a.url)
 
 
 def strip_all(sd: dict) -> dict:
