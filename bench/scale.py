@@ -122,17 +122,8 @@ def sink_section(shards: Path, tmp: Path, args) -> dict:
 
 def fed_plan(out: Path, outputs: int, shards: int) -> Plan:
     """A Plan of `outputs` outputs of `shards` tar units each, in `out`."""
-    one, fmt = one_output(out, shards)
-    outputs = [
-        replace(
-            one,
-            index=o,
-            name=f"features_distractors_{o:05d}.hdf5",
-            units=tuple(replace(u, uid=o * shards + k, out=o) for k, u in enumerate(one.units)),
-        )
-        for o in range(outputs)
-    ]
-    return Plan(outputs=outputs, format=fmt)
+    one, fmt = one_output(out, shards)  # each sink keys its rows by output: the units may be the same
+    return Plan([replace(one, index=o, name=f"features_distractors_{o:05d}.hdf5") for o in range(outputs)], fmt)
 
 
 def fed_tables(outputs: int, shards: int, per_shard: int) -> list:
@@ -144,9 +135,6 @@ def fed_tables(outputs: int, shards: int, per_shard: int) -> list:
     from ilias_ray.stages.blocks import PACKED_SCHEMA, pack
 
     each = [batches(shards, per_shard, 256, 1024, out=o) for o in range(outputs)]
-    for o, made in enumerate(each):
-        for b in made:
-            b["unit"] = b["unit"] + o * shards  # each output's own units (fed_plan)
     return [
         pa.Table.from_arrays([pa.array([pack(b)], pa.binary())], schema=PACKED_SCHEMA)
         for group in zip(*each)

@@ -32,11 +32,14 @@ def flag_type(name: str):
     return {int: int, str: None}[base]
 
 
-def add_extract_flags(p: argparse.ArgumentParser) -> None:
-    """One `--name` per setting Config declares as a flag, with its default, choices and help."""
+def add_extract_flags(p: argparse.ArgumentParser, given_only: bool = False) -> None:
+    """One `--name` per setting Config declares as a flag, with its default, choices and help.
+    `given_only`: no defaults and nothing required (the parse holds only the flags given)."""
     for f in Config.flags():
         kw = dict(type=flag_type(f.name), help=f.metadata["help"] or None)
-        if f.default is MISSING:
+        if given_only:
+            kw["default"] = argparse.SUPPRESS
+        elif f.default is MISSING:
             kw["required"] = True
         else:
             kw["default"] = f.default
@@ -53,10 +56,8 @@ def config_from_args(ns: argparse.Namespace) -> Config:
 def overrides(argv: list) -> dict:
     """{setting: value} of the `ilias-ray extract` flags given in `argv` (only those given; each
     parsed and checked as on the command line: a wrong one exits 2 with argparse's one line)."""
-    p = argparse.ArgumentParser(prog="ilias-ray extract", argument_default=argparse.SUPPRESS)
-    add_extract_flags(p)
-    for action in p._actions:  # only what is given: no defaults, nothing required
-        action.required, action.default = False, argparse.SUPPRESS
+    p = argparse.ArgumentParser(prog="ilias-ray extract")
+    add_extract_flags(p, given_only=True)
     return vars(p.parse_args(argv))
 
 

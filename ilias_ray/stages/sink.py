@@ -37,8 +37,8 @@ class UnitRows:
     def __init__(self, writer: PartWriter, count: Optional[int]):
         self.writer = writer
         self.pos = 0  # the next position to write
-        self.count = count  # known from the END row (tars) or the plan (folders)
-        self.end = UnitEnd(count if count is not None else -1)  # how it ended, from its END row (tars)
+        # How many rows it owes and how it ended: from the plan (folders), or its END row (tars).
+        self.end: Optional[UnitEnd] = None if count is None else UnitEnd(count)
         self.buffer = {}  # pos -> (id, state, feat, reason)
         self.record = None  # set once the unit is durable
 
@@ -48,9 +48,9 @@ class UnitRows:
 
     def drain(self) -> None:
         while not self.done:
-            if self.count is not None and self.pos >= self.count:
-                e = self.end
-                self.record = self.writer.close(self.count, e.end, list(e.repeated_ids), e.retries)
+            e = self.end
+            if e is not None and self.pos >= e.count:
+                self.record = self.writer.close(e.count, e.end, list(e.repeated_ids), e.retries)
                 return
             row = self.buffer.pop(self.pos, None)
             if row is None:
@@ -139,7 +139,7 @@ class OutputRows:
 
     def end_unit(self, uid, end: UnitEnd) -> None:
         _k, c = self.cursors[uid]
-        c.count, c.end = end.count, end
+        c.end = end
 
     def drain(self) -> None:
         for k, c in self.cursors.values():

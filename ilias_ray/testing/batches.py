@@ -12,24 +12,19 @@ def sink_batch(rows, dim: int = 8, dtype=np.float16, out: int = 0) -> dict:
     """A batch of sink-stage rows. `rows`: (unit, pos, state) each, state one of FEATURES (a
     vector whose first value is unit * 1000 + pos), SKIPPED (reason "bad") or END (the unit owes
     `pos` rows and ended at eof). IDs are "s{unit}/{pos}"."""
-    n = len(rows)
-    feats, ends = [], []
-    for unit, pos, state in rows:
-        feats.append(np.full((1, dim), unit * 1000 + pos, dtype) if state == State.FEATURES else NO_FEATURES)
-        ends.append(UnitEnd(pos).cell() if state == State.END else None)
-    return {
-        "seq": np.array([seq_id(u, p) for u, p, _ in rows], np.int64),
-        "out": np.full(n, out, np.int32),
-        "unit": np.array([u for u, _, _ in rows], np.int32),
-        "pos": np.array([p for _, p, _ in rows], np.int64),
-        "id": object_column([f"s{u}/{p}" for u, p, _ in rows]),
-        "source": np.full(n, Source.TAR, np.int8),
-        "state": np.array([s for _, _, s in rows], np.int8),
-        "reason": object_column(["bad" if s == State.SKIPPED else "" for _, _, s in rows]),
-        "offset": np.zeros(n, np.int64),
-        "unit_end": object_column(ends),
-        "feat": object_column(feats),
-    }
+    feats = [np.full((1, dim), u * 1000 + p, dtype) if s == State.FEATURES else NO_FEATURES for u, p, s in rows]
+    return routed(
+        len(rows),
+        seq=np.array([seq_id(u, p) for u, p, _ in rows], np.int64),
+        out=np.full(len(rows), out, np.int32),
+        unit=np.array([u for u, _, _ in rows], np.int32),
+        pos=np.array([p for _, p, _ in rows], np.int64),
+        id=object_column([f"s{u}/{p}" for u, p, _ in rows]),
+        state=np.array([s for _, _, s in rows], np.int8),
+        reason=object_column(["bad" if s == State.SKIPPED else "" for _, _, s in rows]),
+        unit_end=object_column([UnitEnd(p).cell() if s == State.END else None for _, p, s in rows]),
+        feat=object_column(feats),
+    )
 
 
 def routed(n: int, **columns) -> dict:
