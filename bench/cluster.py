@@ -62,6 +62,7 @@ import ray
 
 from cluster_analysis import BATCH, analyse, table
 from cluster_probes import RoleWatch, Tail, Ticks
+from ilias_ray.testing.warm import warm_workers
 from measure import MIB, environ, machine
 
 SIDE = 64  # long side of the JPEGs, and --resolution
@@ -176,19 +177,6 @@ def idle_cpu(seconds: float) -> dict:
     return {k: v / span for k, v in cpu.items()}
 
 
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def warm_worker() -> int:
-    """Imports what the job's read, decode and route tasks import, then holds its CPU a moment (so
-    that each of these tasks gets a worker process of its own)."""
-    import ilias_ray.stages.blocks  # noqa: F401
-    import ilias_ray.stages.decode  # noqa: F401
-    import ilias_ray.stages.read  # noqa: F401
-    import ilias_ray.stages.sink  # noqa: F401
-
-    time.sleep(1.0)
-    return os.getpid()
-
-
 def one_regime(cluster, tmp: Path, nodes: int, regime: tuple, args) -> list:
     """A driver connection with this regime's costs: the warm-up, the idle cluster's CPU, then the
     measured jobs. The warm-up is one task per CPU: the worker processes that the job's tasks will
@@ -205,7 +193,7 @@ def one_regime(cluster, tmp: Path, nodes: int, regime: tuple, args) -> list:
     with environ(**env), store_budget(nodes * args.store_mib * MIB):
         try:
             init_ray(config(tmp, tmp, nodes, cluster.address))
-            ray.get([warm_worker.remote() for _ in range(nodes * args.cpus)])
+            warm_workers(nodes * args.cpus)
             idle = idle_cpu(args.idle_s)
             for which in shard_counts:
                 setting = dict(

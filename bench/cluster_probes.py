@@ -10,12 +10,11 @@ analysis takes off the driver's.
 
 import contextlib
 import json
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from measure import Watch
+from measure import Sampler, Watch
 
 ROLES = (  # first match wins: the raylet's command line names the worker script, a new worker's the raylet
     ("raylet/raylet ", "raylets"),
@@ -96,7 +95,7 @@ class RoleWatch(Watch):
         return dict(out), max(inside[-1]["t"] - inside[0]["t"], 1e-9)
 
 
-class Ticks:
+class Ticks(Sampler):
     """A sampling profiler of the task workers: every `every` s, each one that is on a CPU (state R
     in /proc/PID/stat) counts a tick for the task its title names. The workers are looked up once a
     second (processes whose title is a task's or idle)."""
@@ -104,16 +103,7 @@ class Ticks:
     def __init__(self, me, every: float = 0.05):
         self.me, self.every = me, every
         self.ticks, self.pids, self.own_cpu = [], [], 0.0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+        super().__init__()
 
     def loop(self):
         looked = 0.0
@@ -142,7 +132,7 @@ def title(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode(errors="replace")
 
 
-class Tail:
+class Tail(Sampler):
     """Reads the trace files as they grow (every `every` s) and stamps each forward pass with the
     time it was seen: the trace has no times for passes, and the sink's progress (rows written in
     order) lags the model stage by whatever waits for a shard's rarer shapes."""
@@ -150,16 +140,7 @@ class Tail:
     def __init__(self, folder: Path, every: float = 0.2):
         self.folder, self.every = folder, every
         self.offsets, self.passes, self.own_cpu = {}, [], 0.0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+        super().__init__()
 
     def loop(self):
         while not self.stop.wait(self.every):

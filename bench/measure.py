@@ -43,7 +43,27 @@ def steady_rate(timeline: list, lo: float = 0.1, hi: float = 0.9) -> float:
     return (hi - lo) * total / max(t_hi - t_lo, 1e-9)
 
 
-class PeakMemory:
+class Sampler:
+    """A thread that runs `self.loop()` while the `with` block runs; `self.stop` is set at its end
+    (a subclass's loop checks it, or waits on it between samples)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def loop(self):
+        raise NotImplementedError
+
+
+class PeakMemory(Sampler):
     """Samples the private memory (USS: not counting the shared object store pages a worker maps)
     of a job's process and all its children (the local Ray cluster's raylet, workers and actors);
     keeps the peak of their sum and the largest single process of each role."""
@@ -66,8 +86,7 @@ class PeakMemory:
         self.peak = defaultdict(int)
         self.total = 0  # the largest sum over all the job's processes at one moment
         self.every = every
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
+        super().__init__()
 
     def role(self, p) -> str:
         if p.pid == self.me.pid:
@@ -93,14 +112,6 @@ class PeakMemory:
                     pass
             self.total = max(self.total, now)
             time.sleep(self.every)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
     def mib(self) -> dict:
         out = {"job total": round(self.total / 2**20)}

@@ -30,6 +30,7 @@ from ilias_ray.config import Config
 from ilias_ray.job.run import run
 from ilias_ray.testing.faults import read_trace
 from ilias_ray.testing.sample import build_flickr_mix
+from ilias_ray.testing.warm import warm_workers
 
 NODES, CPUS = 4, 8
 BATCH = 32  # images per forward pass, and per decode task
@@ -71,19 +72,6 @@ def job(tmp: Path, name: str, shards: int, per_shard: int) -> dict:
     }
 
 
-@ray.remote(num_cpus=1)
-def warm_worker() -> int:
-    """Imports what the job's read, decode and sink-stage tasks import, then holds its CPU a moment
-    (so that each of these tasks starts a worker process of its own)."""
-    import ilias_ray.stages.blocks  # noqa: F401
-    import ilias_ray.stages.decode  # noqa: F401
-    import ilias_ray.stages.read  # noqa: F401
-    import ilias_ray.stages.sink  # noqa: F401
-
-    time.sleep(1.0)
-    return os.getpid()
-
-
 def main(tmp: str) -> None:
     tmp = Path(tmp)
     node = {"num_cpus": CPUS, "num_gpus": 1, "object_store_memory": STORE}
@@ -92,8 +80,8 @@ def main(tmp: str) -> None:
         cluster.add_node(**node)
     ray.init(address=cluster.address)
     t = time.time()
-    pids = ray.get([warm_worker.remote() for _ in range(NODES * CPUS)])
-    print(f"warm-up: {len(set(pids))} worker processes in {time.time() - t:.1f} s", flush=True)
+    started = warm_workers(NODES * CPUS)
+    print(f"warm-up: {started} worker processes in {time.time() - t:.1f} s", flush=True)
     report = {"many": job(tmp, "many", 32, 200), "few": job(tmp, "few", 4, 800)}
     print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()
