@@ -22,11 +22,11 @@ def build_dataset(cfg: Config, plan: Plan, ray):
     """read -> decode -> model actors.
 
     A read task streams a unit's raw bytes in blocks of whole forward passes of one shape
-    (stages/grouper.py); each block is decoded by a task of its own, on any node with a free CPU
-    (preferring the node that read it), so a shard's images spread over as many CPUs as the
-    cluster has; each block reaches a model actor whole. Rows leaving it carry features and
-    bookkeeping only, never pixels or file bytes. The stages get the few settings each needs
-    (decoder, embedder_args), never the whole Config.
+    (stages/grouper.py); each block is decoded by a task of its own, spread over the nodes with a
+    free CPU (Ray Data's default: a block's JPEG bytes cost far less to move than to decode), so a
+    shard's images spread over as many CPUs as the cluster has; each block reaches a model actor
+    whole. Rows leaving it carry features and bookkeeping only, never pixels or file bytes. The
+    stages get the few settings each needs (decoder, embedder_args), never the whole Config.
     """
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -51,7 +51,6 @@ def build_dataset(cfg: Config, plan: Plan, ray):
         batch_format="numpy",
         compute=TaskPoolStrategy(size=cap) if cap else None,
         num_cpus=pool.decode_cpus,
-        scheduling_strategy="DEFAULT",  # locality first: a block is decoded where it was read if a CPU is free
     )
     # One block (whole forward passes of one shape, stages/grouper.py) per call: batch_size=None. Ray's
     # public map_batches refuses that with GPUs; map_batches_internal (a DeveloperAPI, what Ray's own

@@ -79,6 +79,7 @@ def test_reference_readme_command(ray_cluster, sample, tmp_path):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[features_image_queries.hdf5]" in p.stdout and "summary: 1 file(s) written" in p.stdout
+    assert "DeprecationWarning" not in p.stderr, p.stderr[-2000:]  # Ray's notices are not our users' to act on
     with h5py.File(tmp_path / "features_image_queries.hdf5") as f:
         assert f["features"].shape == (sample["n_queries"], 1024) and f["features"].dtype == np.float16
 

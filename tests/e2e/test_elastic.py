@@ -55,8 +55,9 @@ def test_decoding_uses_every_free_cpu_for_many_shards_and_for_few(tmp_path):
     """On a static cluster of 4 nodes x 8 CPUs x 1 GPU, decoding emulated at 100 ms per image, with
     32 shards and with 4: each block is a decode task (not each shard), on every node, and at the peak
     at least 0.7 x 28 of them run at once (32 CPUs less one per model actor): no global cap. The
-    averages (issue 19, item 3) are in the script's report, not asserted: on two real cores they
-    depend on what else the machine runs (tests/e2e/scripts/decode_spread.py)."""
+    goal for the average (0.7 x 28, issue 19 item 3) is measured, not asserted: on two real cores it
+    depends on what else the machine runs (docs/benchmarks.md, "Decode tasks at once"); the test
+    holds it above half of 28, far above what a global cap of --num_workers (8) gave."""
     trace = tmp_path / "trace"
     trace.mkdir()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="decode:slow=100")
@@ -73,3 +74,4 @@ def test_decoding_uses_every_free_cpu_for_many_shards_and_for_few(tmp_path):
         assert r["rows"] == rows and r["decode_nodes"] == 4, (case, r)
         assert r["decode_tasks"] >= rows // 32, (case, r)  # one task per 32-image block, not one per shard
         assert r["peak"] >= 0.7 * 28, (case, r)
+        assert r["concurrency"] >= 0.5 * 28, (case, r)

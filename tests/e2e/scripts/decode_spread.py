@@ -4,17 +4,17 @@ set by the test), the model free (the null backbone). Runs the real job over man
 few, and reports from the trace (ILIAS_RAY_TRACE) how many decode tasks ran at once: at the peak, and
 on average from the first decode task's start to the last one's end.
 
-The average includes the run's start and its end. Two things of this machine are taken out, as
-they would not be on a real cluster, where each node has cores of its own:
-- Starting worker processes. Ray starts one per task running at once (about 2.5 CPU-seconds each:
-  Ray, then Ray Data and our modules); 32 fake CPUs' worth of them on 2 real cores took 25-40 s,
-  longer than the run. A warm-up (one task per CPU, importing what the job's tasks import) starts
-  them first, as a real cluster's 32 cores would in a few seconds. Ray keeps up to one idle worker
-  per CPU of a node, so the job finds them.
-- Ray's cost per task. Each task costs the host's two cores some tens of milliseconds (driver,
-  raylet, worker): with 16-image blocks (1.6 s of emulated decoding) 28 tasks at once took both
-  cores, and about 20 ran at once. Forward passes of 32 images (--batch_size 32) halve that.
-The model actors still start inside the window (each imports torch: about 4 CPU-seconds)."""
+The average includes the run's start and its end. What a real cluster pays once, on cores of its
+own, is started first (ilias_ray/testing/warm.py): worker processes, one per CPU (32 fake CPUs'
+worth took 21-30 s on two cores, longer than the run), room for the processes a node runs beyond
+one per CPU (without it Ray stops idle read workers and starts them again for each 200-image
+shard), and Ray Data's coordinator (until it answers, each stage runs one task). --bare leaves
+out the last two, for comparison. Ray's cost per task is not taken out: each task costs the host's
+two cores some tens of milliseconds (driver, raylet, worker); with 16-image blocks 28 tasks at once
+took both cores, so the forward passes here are 32 images (--batch_size 32). The model actors start
+inside the window (each imports torch: about 4 CPU-seconds).
+
+Usage: decode_spread.py TMP [--bare]"""
 
 import json
 import os
@@ -30,7 +30,7 @@ from ilias_ray.config import Config
 from ilias_ray.job.run import run
 from ilias_ray.testing.faults import read_trace
 from ilias_ray.testing.sample import build_flickr_mix
-from ilias_ray.testing.warm import warm_workers
+from ilias_ray.testing.warm import system_config, warm_ray_data, warm_workers
 
 NODES, CPUS = 4, 8
 BATCH = 32  # images per forward pass, and per decode task
@@ -72,16 +72,19 @@ def job(tmp: Path, name: str, shards: int, per_shard: int) -> dict:
     }
 
 
-def main(tmp: str) -> None:
+def main(tmp: str, bare: bool = False) -> None:
     tmp = Path(tmp)
     node = {"num_cpus": CPUS, "num_gpus": 1, "object_store_memory": STORE}
-    cluster = Cluster(initialize_head=True, head_node_args=node)
+    head = node if bare else dict(node, _system_config=system_config(CPUS))
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(NODES - 1):
         cluster.add_node(**node)
     ray.init(address=cluster.address)
     t = time.time()
     started = warm_workers(NODES * CPUS)
     print(f"warm-up: {started} worker processes in {time.time() - t:.1f} s", flush=True)
+    if not bare:
+        print(f"Ray Data's coordinator started in {warm_ray_data():.1f} s", flush=True)
     report = {"many": job(tmp, "many", 32, 200), "few": job(tmp, "few", 4, 800)}
     print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()
@@ -91,4 +94,4 @@ def main(tmp: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], bare="--bare" in sys.argv[2:])
