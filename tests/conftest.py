@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -91,6 +93,21 @@ KILL_OPTS = dict(
     num_workers=1,
 )
 KILL_FLAGS = [f"--{k}={v}" for k, v in KILL_OPTS.items()]  # the same, as command-line flags
+
+EXTRACT = [sys.executable, "-m", "ilias_ray", "extract"]  # `ilias-ray extract`, as a process of its own
+CNN_FLAGS = ["--model", "resnet18", "--pretrained", "false", "--resolution", "64"]  # a small model, offline
+
+
+def extract(*args, **kw) -> subprocess.CompletedProcess:
+    """`ilias-ray extract ARGS` in a process of its own, its output captured as text."""
+    return subprocess.run(EXTRACT + list(args), capture_output=True, text=True, timeout=300, **kw)
+
+
+def kill_run_flags(ray_cluster, dataset_dir, out) -> list:
+    """The command-line flags of a KILL_OPTS run over `dataset_dir` into `out` (a folder or a URI), on
+    the session's cluster."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    return ["--dataset_dir", str(dataset_dir), "--hdf5_dir", str(out), "--address", address] + KILL_FLAGS
 
 
 def slowed(ms: int = 1000, env=None) -> dict:

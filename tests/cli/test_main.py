@@ -6,20 +6,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_FLAGS, kill_opts_run, slowed
-
-CLI = [sys.executable, "-m", "ilias_ray", "extract"]
-
-
-def cli(*args, **kw):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, **kw)
+from conftest import CNN_FLAGS, EXTRACT, extract, kill_opts_run, kill_run_flags, slowed
 
 
 def assert_one_line_error(p):
@@ -30,10 +23,10 @@ def assert_one_line_error(p):
 
 
 def test_user_errors_are_one_line(tmp_path, sample):
-    assert_one_line_error(cli("--dataset_dir", str(tmp_path / "nope"), "--hdf5_dir", str(tmp_path)))
-    assert_one_line_error(cli("--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--overwrite", "maybe"))
+    assert_one_line_error(extract("--dataset_dir", str(tmp_path / "nope"), "--hdf5_dir", str(tmp_path)))
+    assert_one_line_error(extract("--dataset_dir", str(tmp_path), "--hdf5_dir", str(tmp_path), "--overwrite", "maybe"))
     assert_one_line_error(
-        cli(
+        extract(
             "--dataset_dir",
             str(sample["yfcc"]),
             "--hdf5_dir",
@@ -45,17 +38,19 @@ def test_user_errors_are_one_line(tmp_path, sample):
         )
     )
     assert_one_line_error(
-        cli("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--model", "vit_nonexistent_model")
+        extract("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--model", "vit_nonexistent_model")
     )
     assert_one_line_error(
-        cli("--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--pooling", "gem", "--masking", "yes")
+        extract(
+            "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), "--pooling", "gem", "--masking", "yes"
+        )
     )
 
 
 def test_reference_readme_command(ray_cluster, sample, tmp_path):
     """The README's query command with `ilias-ray extract`; --pretrained false keeps it offline."""
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli(
+    p = extract(
         "--partition",
         "image_queries",
         "--dataset_dir",
@@ -102,14 +97,12 @@ def test_interrupted_runs_leave_nothing_finished_looking_and_reruns_resume(
     out = tmp_path / "out"
     final = out / uninterrupted.name
     parts = out / (final.name + ".parts")
-    args = KILL_FLAGS
     if point == "assembling":
         env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:sleep")  # the sink pauses mid-copy
     else:
         env = slowed(1000)  # about 2.5 s a shard: time to stop after one of the 3
-    address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        CLI + ["--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(out), "--address", address] + args,
+        EXTRACT + kill_run_flags(ray_cluster, sample["yfcc"], out),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -158,17 +151,7 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
     injected once: every row is written exactly once, as in an uninterrupted run."""
     once = tmp_path / "fired"
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT=f"embed:{action}", ILIAS_RAY_FAULT_ONCE=str(once))
-    address = ray_cluster.get_runtime_context().gcs_address
-    p = cli(
-        "--dataset_dir",
-        str(sample["yfcc"]),
-        "--hdf5_dir",
-        str(tmp_path / "out"),
-        "--address",
-        address,
-        *KILL_FLAGS,
-        env=env,
-    )
+    p = extract(*kill_run_flags(ray_cluster, sample["yfcc"], tmp_path / "out"), env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "fired.embed").exists()  # the fault did fire
     if action == "raise":
@@ -179,7 +162,7 @@ def test_a_fault_in_a_model_actor_costs_a_retry_not_rows(ray_cluster, sample, tm
 def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, sample, tmp_path):
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="sink_write:enospc")
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli(
+    p = extract(
         "--dataset_dir",
         str(sample["yfcc"]),
         "--hdf5_dir",
@@ -188,12 +171,7 @@ def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, 
         address,
         "--partition",
         "distractors",
-        "--model",
-        "resnet18",
-        "--pretrained",
-        "false",
-        "--resolution",
-        "64",
+        *CNN_FLAGS,
         env=env,
     )
     # Ray has started, so its own log lines may come first; ours is the last, and no traceback.
@@ -206,12 +184,7 @@ def test_disk_full_mid_run_is_one_line_and_leaves_nothing_finished(ray_cluster, 
 CHEAP = [
     "--partition",
     "distractors",
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "false",
-    "--resolution",
-    "64",
+    *CNN_FLAGS,
     "--batch_size",
     "4",
     "--webdl_batch_size",
@@ -224,7 +197,9 @@ def test_a_batch_that_kills_its_actor_every_time_stops_the_run_and_is_named(ray_
     number of times, then the run stops with one line naming the batch's shard and positions."""
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="embed:exit")  # every batch, every time
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli("--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address, *CHEAP, env=env)
+    p = extract(
+        "--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path), "--address", address, *CHEAP, env=env
+    )
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     want = (
@@ -242,7 +217,7 @@ def test_a_sink_that_dies_stops_the_run_at_once(ray_cluster, sample, tmp_path):
         os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:exit", ILIAS_RAY_FAULT_ONCE=str(tmp_path / "fired")
     )
     address = ray_cluster.get_runtime_context().gcs_address
-    p = cli(
+    p = extract(
         "--dataset_dir", str(sample["yfcc"]), "--hdf5_dir", str(tmp_path / "out"), "--address", address, *CHEAP, env=env
     )
     last = p.stderr.strip().splitlines()[-1]

@@ -9,14 +9,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import KILL_FLAGS, VIT, one_line_error, slowed
+from conftest import EXTRACT, VIT, extract, kill_run_flags, one_line_error, slowed
 from ilias_ray.cli import main as cli
 from ilias_ray.config import Config
 from ilias_ray.errors import UserError
@@ -25,9 +24,6 @@ from ilias_ray.stages.rows import UnitEnd
 from ilias_ray.storage.credentials import redact
 from ilias_ray.storage.location import Location, child
 from ilias_ray.testing.s3 import CuttingProxy, deny_reads, endpoint_query, listing, make_bucket, upload
-
-CLI = [sys.executable, "-m", "ilias_ray"]
-
 
 SMALL = dict(model=VIT, pretrained=False, resolution=64, batch_size=8, webdl_batch_size=8)
 
@@ -173,11 +169,10 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, samp
     head node), redoes only the other shards and gives the uninterrupted run's file."""
     make_bucket("out-resume")
     out = "s3://out-resume/f"
-    args = KILL_FLAGS
+    args = kill_run_flags(ray_cluster, bucket["yfcc"], out)
     first = slowed(1000, dict(os.environ, ILIAS_RAY_STAGING_DIR=str(tmp_path / "staging1")))  # stopped part-way
-    address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address, *args],
+        EXTRACT + args,
         env=first,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -195,13 +190,7 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_new_machine(ray_cluster, samp
     assert 1 <= len(done) < 3 and "features_distractors_00000.hdf5" not in listing("out-resume/f")
     shutil.rmtree(tmp_path / "staging1")  # the head node is gone
     second = dict(os.environ, ILIAS_RAY_STAGING_DIR=str(tmp_path / "staging2"))
-    p = subprocess.run(
-        CLI + ["extract", "--dataset_dir", bucket["yfcc"], "--hdf5_dir", out, "--address", address, *args],
-        env=second,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = extract(*args, env=second)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resuming: {len(done)} of 3 unit(s) already done" in p.stdout
     name = uninterrupted.name

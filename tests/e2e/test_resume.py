@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import KILL_FLAGS, kill_opts_run
+from conftest import extract, kill_opts_run, kill_run_flags
 from ilias_ray.config import Config
 from ilias_ray.errors import UserError
 from ilias_ray.job.run import run
-
-CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 
 
 def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sample, tmp_path, capsys, uninterrupted):
@@ -26,16 +22,8 @@ def test_a_part_whose_files_do_not_match_its_record_is_redone(ray_cluster, sampl
     The rerun redoes that shard, instead of crashing in assembly or copying the damage."""
     out = tmp_path / "out"
     parts = out / (uninterrupted.name + ".parts")
-    args = [
-        "--dataset_dir",
-        str(sample["yfcc"]),
-        "--hdf5_dir",
-        str(out),
-        "--address",
-        ray_cluster.get_runtime_context().gcs_address,
-    ] + KILL_FLAGS
     env = dict(os.environ, ILIAS_RAY_TESTING="1", ILIAS_RAY_FAULT="assemble:raise")
-    p = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
+    p = extract(*kill_run_flags(ray_cluster, sample["yfcc"], out), env=env)
     assert p.returncode != 0 and sorted(q.name for q in parts.glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
     feat = parts / "0.feat"
     feat.write_bytes(feat.read_bytes()[:-10])  # a torn write the record does not describe

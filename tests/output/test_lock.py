@@ -9,18 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
-from conftest import KILL_FLAGS, kill_opts_run, one_line_error_and_stdout, slowed
+from conftest import EXTRACT, kill_opts_run, kill_run_flags, one_line_error_and_stdout, slowed
 from ilias_ray.testing.s3 import listing, make_bucket
-
-CLI = [sys.executable, "-m", "ilias_ray", "extract"]
 
 
 def start(args, env):
     return subprocess.Popen(
-        CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        EXTRACT + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
 
 
@@ -50,14 +47,7 @@ def test_a_second_run_on_a_local_output_is_refused_and_a_killed_one_does_not_blo
     ray_cluster, sample, tmp_path, uninterrupted, capsys
 ):
     out = tmp_path / "out"
-    args = [
-        "--dataset_dir",
-        str(sample["yfcc"]),
-        "--hdf5_dir",
-        str(out),
-        "--address",
-        ray_cluster.get_runtime_context().gcs_address,
-    ] + KILL_FLAGS
+    args = kill_run_flags(ray_cluster, sample["yfcc"], out)
     first = start(args, slowed(5000))  # still running when the second run comes
     parts = out / (uninterrupted.name + ".parts")
     wait_for(lambda: parts.is_dir(), first)  # it holds the lock and has started writing
@@ -75,14 +65,7 @@ def test_a_second_run_on_a_bucket_output_is_refused_and_a_killed_one_does_not_bl
     from ilias_ray.testing.sample import build_sample  # noqa: F401 - the sample fixture made the shards already
 
     monkeypatch.setenv("ILIAS_RAY_LEASE_S", "6")  # renewed every 2 s; a dead lease is taken after 6 s
-    args = [
-        "--dataset_dir",
-        str(sample["yfcc"]),
-        "--hdf5_dir",
-        "s3://out-lock/f",
-        "--address",
-        ray_cluster.get_runtime_context().gcs_address,
-    ] + KILL_FLAGS
+    args = kill_run_flags(ray_cluster, sample["yfcc"], "s3://out-lock/f")
     first = start(args, slowed(5000))  # still running when the second run comes
     wait_for(lambda: "features_distractors_00000.hdf5.lock" in listing("out-lock/f"), first)
     t = time.time()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import one_line_error
-
-CNN = ["--model", "resnet18", "--pretrained", "false", "--resolution", "64"]
+from conftest import CNN_FLAGS, one_line_error
 
 
 def test_listed_files_cannot_leave_the_dataset_dir(sample, tmp_path, capsys):
@@ -30,7 +28,7 @@ def test_listed_files_cannot_leave_the_dataset_dir(sample, tmp_path, capsys):
                 "uned",
                 "--selected_ids",
                 str(ids),
-                *CNN,
+                *CNN_FLAGS,
             ],
             capsys,
         )

@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
-from conftest import one_line_error
-
-CLI = [sys.executable, "-m", "ilias_ray", "extract"]
-
-
-CNN = ["--model", "resnet18", "--pretrained", "false", "--resolution", "64"]
+from conftest import CNN_FLAGS, extract, one_line_error
 
 
 def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, tmp_path):
@@ -19,23 +12,17 @@ def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, t
     env = {k: v for k, v in os.environ.items() if k != "ILIAS_RAY_TESTING"}
     env["ILIAS_RAY_FAULT"] = "sink_write:enospc"  # would fail the run's first write
     address = ray_cluster.get_runtime_context().gcs_address
-    p = subprocess.run(
-        CLI
-        + [
-            "--dataset_dir",
-            str(sample["yfcc"]),
-            "--hdf5_dir",
-            str(tmp_path),
-            "--address",
-            address,
-            "--partition",
-            "distractors",
-            *CNN,
-        ],
+    p = extract(
+        "--dataset_dir",
+        str(sample["yfcc"]),
+        "--hdf5_dir",
+        str(tmp_path),
+        "--address",
+        address,
+        "--partition",
+        "distractors",
+        *CNN_FLAGS,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ILIAS_RAY_FAULT is ignored" in p.stdout and (tmp_path / "features_distractors_00000.hdf5").exists()
@@ -44,7 +31,9 @@ def test_fault_injection_is_inert_without_the_test_switch(ray_cluster, sample, t
 def test_a_malformed_fault_setting_is_one_line_before_ray(sample, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ILIAS_RAY_TESTING", "1")
     monkeypatch.setenv("ILIAS_RAY_FAULT", "embed:explode")
-    err = one_line_error(["extract", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), *CNN], capsys)
+    err = one_line_error(
+        ["extract", "--dataset_dir", str(sample["core"]), "--hdf5_dir", str(tmp_path), *CNN_FLAGS], capsys
+    )
     assert "ILIAS_RAY_FAULT: 'embed:explode' is not SITE:ACTION" in err
 
 
